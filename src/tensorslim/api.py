@@ -1,0 +1,268 @@
+"""The public functions: compress a model to a budget, apply a saved plan, analyze layers."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tensorslim import __version__
+from tensorslim._progress import track
+from tensorslim.decompose import relative_error, singular_values, tail_energy
+from tensorslim.errors import PlanMismatchError, TensorSlimError, check_keep
+from tensorslim.model import (
+    LayerInfo,
+    count_params,
+    find,
+    find_layers,
+    get_submodule,
+    registered_methods,
+    run_model,
+    set_submodule,
+    trace_sites,
+)
+from tensorslim.plan import ALLOCATORS, DENSE, Candidate, LayerPlan, Plan
+
+COSTS = ("params", "flops")
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise TensorSlimError(
+            f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}"
+        )
+
+
+def _eval_mode_trace(model: nn.Module, layers: list[LayerInfo], example_input: Any) -> None:
+    """Trace shapes in eval mode so BatchNorm statistics and dropout of the input model are untouched."""
+    was_training = model.training
+    model.eval()
+    try:
+        trace_sites(model, layers, example_input)
+    finally:
+        model.train(was_training)
+
+
+def _input_shape(example_input: Any) -> Any:
+    if isinstance(example_input, torch.Tensor):
+        return list(example_input.shape)
+    return None
+
+
+def compress(
+    model: nn.Module,
+    keep: float = 0.5,
+    *,
+    cost: str = "params",
+    method: str = "svd",
+    allocator: str = "global",
+    example_input: Any = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    progress: bool = False,
+) -> tuple[nn.Module, Plan]:
+    """Factorize `model`'s layers so that a fraction `keep` of their cost remains.
+
+    keep: in (0, 1], fraction of the compressible layers' cost (parameters or FLOPs) that remains.
+    cost: "params" or "flops" (FLOPs need `example_input`, a tensor, tuple or dict of inputs).
+    method: a registered decomposition ("svd"). allocator: "global" (least summed relative squared
+    weight error for the budget) or "uniform" (same keep for every layer).
+    include / exclude: fnmatch patterns on dotted layer names.
+
+    Returns a new model (the input is never modified) and the Plan that was applied.
+    """
+    keep = check_keep(keep)
+    _check_choice("cost", cost, COSTS)
+    _check_choice("method", method, registered_methods())
+    _check_choice("allocator", allocator, list(ALLOCATORS))
+    if cost == "flops" and example_input is None:
+        raise TensorSlimError("cost='flops' needs example_input to measure the FLOPs of each layer")
+
+    layers = find_layers(model, method, include, exclude)
+    if example_input is not None:
+        _eval_mode_trace(model, layers, example_input)
+        for info in layers:
+            if info.compressible and info.site.output_shape is None:
+                info.reason = "not executed on the example input"
+    compressible = [info for info in layers if info.compressible]
+
+    candidates, options = [], []
+    for info in track(compressible, "Analysing layers", progress):
+        opts = info.factorizer.options(info.module, info.site)
+        dense = info.params() if cost == "params" else info.flops()
+        costs = [o.params if cost == "params" else o.flops for o in opts]
+        candidates.append(Candidate(info.name, dense, costs, [o.error for o in opts]))
+        options.append(opts)
+
+    if keep >= 1.0:
+        selection = [DENSE] * len(candidates)
+    else:
+        budget = keep * sum(c.dense_cost for c in candidates)
+        selection = ALLOCATORS[allocator](candidates, budget)
+
+    compressed = copy.deepcopy(model)
+    chosen = {c.name: (i, opts) for c, i, opts in zip(candidates, selection, options)}
+    plans = []
+    for info in track(layers, "Factorizing", progress):
+        lp = LayerPlan(
+            name=info.name,
+            type=info.type_name,
+            shape=list(info.shape),
+            params_before=info.params(),
+            params_after=info.params(),
+            flops_before=info.flops(),
+            flops_after=info.flops(),
+            reason=info.reason,
+            compressible=info.compressible,
+        )
+        if info.compressible:
+            i, opts = chosen[info.name]
+            if i == DENSE:
+                lp.reason = (
+                    "keep=1.0" if keep >= 1.0 else f"kept dense by the {allocator} allocator"
+                )
+                lp.rel_error = 0.0
+            else:
+                opt = opts[i]
+                new = info.factorizer.apply(get_submodule(compressed, info.name), opt.rank)
+                set_submodule(compressed, info.name, new)
+                lp.method, lp.rank = method, opt.rank
+                lp.params_after, lp.flops_after = opt.params, opt.flops
+                lp.rel_error = relative_error(
+                    info.factorizer.weight(info.module), info.factorizer.reconstructed_weight(new)
+                )
+        plans.append(lp)
+
+    base = [lp for lp in plans if lp.compressible]
+    key_before = "params_before" if cost == "params" else "flops_before"
+    key_after = "params_after" if cost == "params" else "flops_after"
+    before = sum(getattr(lp, key_before) for lp in base)
+    after = sum(getattr(lp, key_after) for lp in base)
+    flops_known = example_input is not None
+    plan = Plan(
+        layers=plans,
+        keep=keep,
+        cost=cost,
+        method=method,
+        allocator=allocator,
+        achieved_keep=(after / before) if before else 1.0,
+        model_params_before=count_params(model),
+        model_params_after=count_params(compressed),
+        model_flops_before=_sum_flops(plans, "flops_before") if flops_known else None,
+        model_flops_after=_sum_flops(plans, "flops_after") if flops_known else None,
+        meta={
+            "tensorslim": __version__,
+            "torch": torch.__version__,
+            "model_class": type(model).__name__,
+            "example_input_shape": _input_shape(example_input),
+        },
+    )
+    if example_input is not None:
+        was_training = compressed.training
+        compressed.eval()
+        try:
+            run_model(compressed, example_input)
+        finally:
+            compressed.train(was_training)
+    return compressed, plan
+
+
+def _sum_flops(plans: list[LayerPlan], key: str) -> int | None:
+    vals = [getattr(lp, key) for lp in plans if getattr(lp, key) is not None]
+    return sum(vals) if vals else None
+
+
+def apply_plan(model: nn.Module, plan: Plan, *, weights: str = "factorize") -> nn.Module:
+    """A copy of `model` with every factorized layer of `plan` replaced.
+
+    weights: "factorize" computes the factors from the model's dense weights; "empty" only builds the
+    structure (to load saved weights into). Raises PlanMismatchError if the plan names a layer the
+    model lacks or one of another type or shape.
+    """
+    _check_choice("weights", weights, ("factorize", "empty"))
+    out = copy.deepcopy(model)
+    for lp in plan.factorized_layers:
+        module = get_submodule(out, lp.name)
+        if type(module).__name__ != lp.type:
+            raise PlanMismatchError(
+                f"plan says layer {lp.name!r} is a {lp.type}, but the model has a "
+                f"{type(module).__name__} there"
+            )
+        shape = list(getattr(module, "weight", torch.empty(0)).shape)
+        if shape != list(lp.shape):
+            raise PlanMismatchError(
+                f"plan says layer {lp.name!r} has weight shape {lp.shape}, the model's is {shape}"
+            )
+        factorizer = find(module, lp.method)
+        if factorizer is None:
+            raise PlanMismatchError(
+                f"plan asks for method {lp.method!r} on {lp.name!r} ({lp.type}), which is not "
+                f"registered; known methods: {', '.join(registered_methods())}"
+            )
+        build = factorizer.apply if weights == "factorize" else factorizer.empty
+        set_submodule(out, lp.name, build(module, _rank(lp.rank)))
+    return out
+
+
+def _rank(rank: Any) -> Any:
+    """Ranks come back from JSON as int or list; tuple ranks are restored as tuples."""
+    return tuple(rank) if isinstance(rank, list) else rank
+
+
+@dataclass
+class LayerReport:
+    """What `analyze` says about one layer."""
+
+    name: str
+    type: str
+    shape: list[int]
+    params: int
+    flops: int | None
+    compressible: bool
+    reason: str | None
+    max_useful_rank: int | None = None
+    rank90: int | None = None
+    rank99: int | None = None
+    singular_values: list[float] | None = None
+
+
+def analyze(
+    model: nn.Module,
+    example_input: Any = None,
+    *,
+    method: str = "svd",
+    progress: bool = False,
+) -> list[LayerReport]:
+    """Per-layer shapes, costs and spectrum summary: the smallest rank keeping 90% / 99% of the
+    squared Frobenius norm (energy), and the largest rank that still saves parameters."""
+    _check_choice("method", method, registered_methods())
+    layers = find_layers(model, method)
+    if example_input is not None:
+        _eval_mode_trace(model, layers, example_input)
+    reports = []
+    for info in track(layers, "Analysing spectra", progress):
+        rep = LayerReport(
+            info.name,
+            info.type_name,
+            list(info.shape),
+            info.params(),
+            info.flops(),
+            info.compressible,
+            info.reason,
+        )
+        if info.factorizer is not None and hasattr(info.factorizer, "matrix"):
+            w = info.factorizer.matrix(info.module)
+            if torch.isfinite(w).all():
+                s = singular_values(w)
+                tails = tail_energy(s)
+                rep.rank90 = int((tails <= 0.10 + 1e-12).nonzero()[0])
+                rep.rank99 = int((tails <= 0.01 + 1e-12).nonzero()[0])
+                rep.singular_values = s.tolist()
+                opts = info.factorizer.options(info.module, info.site)
+                rep.max_useful_rank = opts[-1].rank if opts else 0
+        reports.append(rep)
+    return reports

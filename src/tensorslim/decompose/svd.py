@@ -1,0 +1,170 @@
+"""Truncated and randomized SVD of a matrix, and the keep <-> rank arithmetic of a factorization.
+
+A rank-r factorization of W (m x n) is W ~= A @ B with A (m x r), B (r x n); it stores r(m + n)
+numbers instead of mn. By Eckart-Young the truncated SVD is the best rank-r approximation in the
+Frobenius norm, and its error is the norm of the dropped singular values.
+
+This module must not import anything else from tensorslim (see DESIGN.md, "Imports run downward").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Rule for choosing the randomized SVD automatically (documented in README "Decompositions"):
+# use it when the smaller side of W is at least RANDOMIZED_MIN_DIM and the requested rank is at most
+# RANDOMIZED_MAX_FRACTION of that side. Below that size the exact LAPACK SVD is fast enough (a
+# 1024x1024 float32 SVD takes well under a second on 2 cores) and exact; above it the randomized
+# range finder costs O(mn(r + p)) instead of O(mn min(m, n)).
+RANDOMIZED_MIN_DIM = 1024
+RANDOMIZED_MAX_FRACTION = 0.25
+
+
+def full_rank(m: int, n: int) -> int:
+    """Largest rank a factorization of an (m x n) matrix can have."""
+    return min(m, n)
+
+
+def matrix_params(m: int, n: int, rank: int) -> int:
+    """Numbers stored by a rank-`rank` factorization of an (m x n) matrix: r(m + n)."""
+    return rank * (m + n)
+
+
+def max_useful_rank(m: int, n: int) -> int:
+    """Largest rank r whose factorization is strictly smaller than the dense matrix: r(m+n) < mn.
+
+    Returns 0 when no rank helps (e.g. a 2 x 2 matrix).
+    """
+    r = (m * n - 1) // (m + n)
+    return max(0, min(r, full_rank(m, n)))
+
+
+def rank_for_keep(m: int, n: int, keep: float) -> int:
+    """Largest rank whose factorization stores at most `keep` * mn numbers (0 if none does)."""
+    if not (0.0 < keep <= 1.0):
+        raise ValueError(f"keep must be in (0, 1], got {keep!r}")
+    r = math.floor(keep * m * n / (m + n) + 1e-9)
+    return max(0, min(r, full_rank(m, n)))
+
+
+def _check_matrix(w: torch.Tensor) -> None:
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("matrix contains NaN or Inf")
+
+
+def _check_rank(w: torch.Tensor, rank: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise ValueError(f"rank must be an integer, got {rank!r}")
+    if not (1 <= rank <= full_rank(*w.shape)):
+        raise ValueError(
+            f"rank must be in [1, {full_rank(*w.shape)}] for a {tuple(w.shape)} matrix, got {rank}"
+        )
+
+
+def svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD W = U diag(S) Vh in float64 for accuracy; returns tensors in W's dtype.
+
+    Shapes: U (m, k), S (k,), Vh (k, n) with k = min(m, n); S is non-increasing.
+    """
+    _check_matrix(w)
+    u, s, vh = torch.linalg.svd(w.detach().to(torch.float64), full_matrices=False)
+    return u.to(w.dtype), s.to(w.dtype), vh.to(w.dtype)
+
+
+def singular_values(w: torch.Tensor) -> torch.Tensor:
+    """All singular values of W, non-increasing, as float64 (k,), k = min(m, n).
+
+    Computed in float64 below RANDOMIZED_MIN_DIM and in float32 above it, where float64 would take
+    several times longer for no difference that matters to rank selection.
+    """
+    _check_matrix(w)
+    dtype = torch.float64 if min(w.shape) < RANDOMIZED_MIN_DIM else torch.float32
+    return torch.linalg.svdvals(w.detach().to(dtype)).to(torch.float64)
+
+
+def randomized_svd(
+    w: torch.Tensor,
+    rank: int,
+    oversample: int = 10,
+    n_iter: int = 4,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Approximate rank-`rank` SVD by the randomized range finder with power iterations.
+
+    Follows Halko, Martinsson & Tropp (2011), Algorithms 4.4 (subspace iteration, re-orthonormalized
+    each step) and 5.1. Shapes: U (m, rank), S (rank,), Vh (rank, n).
+    """
+    _check_matrix(w)
+    _check_rank(w, rank)
+    m, n = w.shape
+    a = w.detach().to(torch.float64)
+    k = min(rank + oversample, min(m, n))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, k, generator=gen, dtype=torch.float64).to(a.device)
+    q, _ = torch.linalg.qr(a @ omega)
+    for _ in range(n_iter):
+        z, _ = torch.linalg.qr(a.T @ q)
+        q, _ = torch.linalg.qr(a @ z)
+    b = q.T @ a  # (k, n)
+    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+    u = q @ ub
+    return u[:, :rank].to(w.dtype), s[:rank].to(w.dtype), vh[:rank].to(w.dtype)
+
+
+def use_randomized(m: int, n: int, rank: int) -> bool:
+    """The documented rule for `method="auto"` in truncated_svd."""
+    side = min(m, n)
+    return side >= RANDOMIZED_MIN_DIM and rank <= RANDOMIZED_MAX_FRACTION * side
+
+
+def truncated_svd(
+    w: torch.Tensor,
+    rank: int,
+    method: str = "auto",
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` factors of W: returns (A, B) with A = U_r diag(S_r) (m, r), B = V_r^T (r, n).
+
+    method: "exact" (LAPACK), "randomized" (Halko et al.), or "auto" (see `use_randomized`).
+    At rank = min(m, n) with method "exact", A @ B reconstructs W to float tolerance.
+    """
+    _check_matrix(w)
+    _check_rank(w, rank)
+    if method not in ("auto", "exact", "randomized"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'randomized', got {method!r}")
+    if method == "randomized" or (method == "auto" and use_randomized(*w.shape, rank)):
+        u, s, vh = randomized_svd(w, rank, seed=seed)
+    else:
+        u, s, vh = svd(w)
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    # Split sqrt(S) between the factors? Folding S into A keeps B orthonormal, which keeps the first
+    # (input-side) layer well scaled; either choice gives the same product.
+    return (u * s).contiguous(), vh.contiguous()
+
+
+def tail_energy(singular_values: torch.Tensor) -> torch.Tensor:
+    """Relative squared error of every truncation: out[r] = sum_{i>=r} s_i^2 / sum s_i^2, r = 0..k.
+
+    out[0] = 1 (everything dropped), out[k] = 0 (full rank). By Eckart-Young this is
+    ||W - W_r||_F^2 / ||W||_F^2 for the truncated SVD W_r.
+    """
+    s2 = singular_values.detach().to(torch.float64) ** 2
+    total = s2.sum()
+    if total == 0:
+        return torch.zeros(s2.numel() + 1, dtype=torch.float64)
+    tail = torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0])
+    return torch.cat([tail, torch.zeros(1, dtype=torch.float64)]) / total
+
+
+def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """Relative Frobenius error ||W - W_hat|| / ||W|| (0 for W = 0 and W_hat = 0)."""
+    w64, h64 = w.detach().to(torch.float64), w_hat.detach().to(torch.float64)
+    norm = torch.linalg.norm(w64)
+    diff = torch.linalg.norm(w64 - h64)
+    if norm == 0:
+        return 0.0 if diff == 0 else math.inf
+    return float(diff / norm)

@@ -1,0 +1,83 @@
+"""LowRankLinear: y = second(first(x)) = A (B x) + b, two standard matmuls."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tensorslim.decompose import truncated_svd
+
+
+class LowRankLinear(nn.Module):
+    """A Linear layer W (out x in) stored as A (out x r) @ B (r x in), bias kept.
+
+    `first` is nn.Linear(in, r, bias=False) holding B; `second` is nn.Linear(r, out) holding A and
+    the original bias. Input (..., in) -> output (..., out), like nn.Linear.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        kw = {"device": device, "dtype": dtype}
+        self.first = nn.Linear(in_features, rank, bias=False, **kw)
+        self.second = nn.Linear(rank, out_features, bias=bias, **kw)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, rank: int, svd_method: str = "auto") -> LowRankLinear:
+        """Truncated SVD of `linear.weight` at `rank` (Eckart-Young optimal)."""
+        w = linear.weight.detach()
+        a, b = truncated_svd(w, rank, method=svd_method)
+        return cls.from_factors(a, b, linear.bias)
+
+    @classmethod
+    def from_factors(
+        cls, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None
+    ) -> LowRankLinear:
+        """Build from A (out x r), B (r x in) and an optional bias (out,)."""
+        out_f, r = a.shape
+        in_f = b.shape[1]
+        layer = cls(in_f, out_f, r, bias=bias is not None, device=a.device, dtype=a.dtype)
+        with torch.no_grad():
+            layer.first.weight.copy_(b)
+            layer.second.weight.copy_(a)
+            if bias is not None:
+                layer.second.bias.copy_(bias.detach())
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    def dense_weight(self) -> torch.Tensor:
+        """The reconstructed weight A @ B, shape (out, in)."""
+        return self.second.weight @ self.first.weight
+
+    def to_dense(self) -> nn.Linear:
+        """An nn.Linear computing the same function."""
+        w = self.dense_weight()
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.second.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if self.second.bias is not None:
+                lin.bias.copy_(self.second.bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

@@ -1,0 +1,44 @@
+"""Surgery and accounting: compressible layers (a registry by module type), replacement by dotted
+name, params and FLOPs per layer and in total, measured latency."""
+
+from tensorslim.model.factorizers import ConvSVD, LinearSVD, MatrixSVDFactorizer, register_builtin
+from tensorslim.model.latency import Latency, measure_latency
+from tensorslim.model.profile import (
+    LayerInfo,
+    count_params,
+    find_layers,
+    run_model,
+    trace_sites,
+)
+from tensorslim.model.registry import (
+    Factorizer,
+    LayerSite,
+    Option,
+    find,
+    register,
+    registered_methods,
+)
+from tensorslim.model.surgery import get_submodule, set_submodule
+
+register_builtin()
+
+__all__ = [
+    "ConvSVD",
+    "Factorizer",
+    "LayerInfo",
+    "LayerSite",
+    "Latency",
+    "LinearSVD",
+    "MatrixSVDFactorizer",
+    "Option",
+    "count_params",
+    "find",
+    "find_layers",
+    "get_submodule",
+    "measure_latency",
+    "register",
+    "registered_methods",
+    "run_model",
+    "set_submodule",
+    "trace_sites",
+]

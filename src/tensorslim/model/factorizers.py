@@ -1,0 +1,122 @@
+"""Truncated-SVD factorizers for nn.Linear and nn.Conv1d/2d/3d (method "svd")."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tensorslim.decompose import (
+    max_useful_rank,
+    rank_for_keep,
+    singular_values,
+    tail_energy,
+)
+from tensorslim.layers import LowRankConv, LowRankLinear
+from tensorslim.model.registry import Factorizer, LayerSite, Option, register
+
+
+class MatrixSVDFactorizer(Factorizer):
+    """Shared logic for layers whose weight is viewed as one (m x n) matrix W, factorized A @ B.
+
+    Parameters of rank r: r(m + n) + bias. FLOPs: 2 * positions * r(m + n), where positions is the
+    number of output vectors (tokens for Linear, batch * spatial positions for conv).
+    """
+
+    def matrix(self, module: nn.Module) -> torch.Tensor:
+        w = module.weight.detach()
+        return w.reshape(w.shape[0], -1)
+
+    def _bias(self, module: nn.Module) -> int:
+        return 0 if getattr(module, "bias", None) is None else module.bias.numel()
+
+    def _positions(self, module: nn.Module, site: LayerSite) -> int | None:
+        if site.output_shape is None:
+            return None
+        m = self.matrix(module).shape[0]
+        return math.prod(site.output_shape) // m
+
+    def dense_params(self, module: nn.Module) -> int:
+        return module.weight.numel() + self._bias(module)
+
+    def dense_flops(self, module: nn.Module, site: LayerSite) -> int | None:
+        p = self._positions(module, site)
+        return None if p is None else 2 * p * module.weight.numel()
+
+    def options(self, module: nn.Module, site: LayerSite) -> list[Option]:
+        w = self.matrix(module)
+        m, n = w.shape
+        r_max = max_useful_rank(m, n)
+        if r_max == 0:
+            return []
+        tails = tail_energy(singular_values(w)).tolist()
+        p = self._positions(module, site)
+        bias = self._bias(module)
+        return [
+            Option(
+                rank=r,
+                params=r * (m + n) + bias,
+                flops=None if p is None else 2 * p * r * (m + n),
+                error=tails[r],
+            )
+            for r in range(1, r_max + 1)
+        ]
+
+    def rank_for_keep(self, module: nn.Module, keep: float) -> int | None:
+        m, n = self.matrix(module).shape
+        r = min(rank_for_keep(m, n, keep), max_useful_rank(m, n))
+        return r if r >= 1 else None
+
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.detach()
+
+    def reconstructed_weight(self, factorized: nn.Module) -> torch.Tensor:
+        return factorized.dense_weight().detach()
+
+
+class LinearSVD(MatrixSVDFactorizer):
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        if max_useful_rank(module.out_features, module.in_features) == 0:
+            return (
+                f"too small to gain: no rank r gives r(m+n) < mn for a "
+                f"{module.out_features}x{module.in_features} matrix"
+            )
+        return None
+
+    def apply(self, module: nn.Module, rank: int) -> nn.Module:
+        return LowRankLinear.from_dense(module, rank)
+
+    def empty(self, module: nn.Module, rank: int) -> nn.Module:
+        return LowRankLinear(
+            module.in_features,
+            module.out_features,
+            rank,
+            bias=module.bias is not None,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
+
+
+class ConvSVD(MatrixSVDFactorizer):
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        if module.groups != 1:
+            kind = "depthwise" if module.groups == module.in_channels else "grouped"
+            return f"{kind} convolution (groups={module.groups}) is not supported by 'svd' yet"
+        m, n = self.matrix(module).shape
+        if max_useful_rank(m, n) == 0:
+            return f"too small to gain: no rank r gives r(m+n) < mn for a {m}x{n} kernel matrix"
+        return None
+
+    def apply(self, module: nn.Module, rank: int) -> nn.Module:
+        return LowRankConv.from_dense(module, rank)
+
+    def empty(self, module: nn.Module, rank: int) -> nn.Module:
+        return LowRankConv.empty_like(module, rank)
+
+
+def register_builtin() -> None:
+    """Register the built-in factorizers (called on import of tensorslim.model)."""
+    register(nn.Linear, "svd", LinearSVD())
+    for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        register(conv, "svd", ConvSVD())

@@ -1,0 +1,115 @@
+"""Which module types can be factorized, and how: a registry keyed by (module type, method).
+
+A factorizer knows one layer type and one method. It tells why a layer cannot be factorized, lists
+the options (rank, cost, error) an allocator may choose from, and builds the factorized module. A new
+layer type or method is added with `register(ModuleType, "method", factorizer)`; nothing else in
+the package needs to change. Lookup walks the module's class hierarchy, so subclasses of a registered
+type are handled unless they register their own factorizer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerSite:
+    """What one forward pass told us about a layer: its input and output shapes (None if unknown)."""
+
+    name: str
+    input_shape: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to factorize a layer: `rank` (int or tuple), its params, FLOPs and error.
+
+    `error` is the relative squared weight error ||W - W_hat||^2 / ||W||^2 unless a data-aware
+    objective replaced it.
+    """
+
+    rank: Any
+    params: int
+    flops: int | None
+    error: float
+
+
+class Factorizer(ABC):
+    """Factorizes one kind of layer with one method."""
+
+    method: str = ""
+
+    @abstractmethod
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        """None if `module` can be factorized, else a one-line reason it stays dense."""
+
+    @abstractmethod
+    def dense_params(self, module: nn.Module) -> int:
+        """Parameters of the dense layer (weight and bias)."""
+
+    @abstractmethod
+    def dense_flops(self, module: nn.Module, site: LayerSite) -> int | None:
+        """FLOPs (2 per multiply-add) of the dense layer on the site's input, None if unknown."""
+
+    @abstractmethod
+    def options(self, module: nn.Module, site: LayerSite) -> list[Option]:
+        """Every factorization strictly smaller (in params) than the dense layer, by rising cost."""
+
+    @abstractmethod
+    def rank_for_keep(self, module: nn.Module, keep: float) -> Any:
+        """The largest rank whose parameters are at most `keep` times the dense layer's (None if none)."""
+
+    @abstractmethod
+    def apply(self, module: nn.Module, rank: Any) -> nn.Module:
+        """The factorized replacement of `module` at `rank`, weights computed from the dense layer."""
+
+    @abstractmethod
+    def empty(self, module: nn.Module, rank: Any) -> nn.Module:
+        """The factorized structure at `rank` with unset weights (to load saved weights into)."""
+
+    @abstractmethod
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        """The dense weight tensor whose approximation error is reported."""
+
+    @abstractmethod
+    def reconstructed_weight(self, factorized: nn.Module) -> torch.Tensor:
+        """The dense weight the factorized module computes with, shaped like `weight`."""
+
+
+_REGISTRY: dict[tuple[type[nn.Module], str], Factorizer] = {}
+
+
+def register(module_type: type[nn.Module], method: str, factorizer: Factorizer) -> None:
+    """Make `method` available for layers of `module_type` (and subclasses without their own)."""
+    factorizer.method = method
+    _REGISTRY[(module_type, method)] = factorizer
+
+
+def registered_methods() -> list[str]:
+    """All method names known to the registry."""
+    return sorted({m for _, m in _REGISTRY})
+
+
+def registered_types() -> list[type[nn.Module]]:
+    """All module types with at least one registered method."""
+    return list(dict.fromkeys(t for t, _ in _REGISTRY))
+
+
+def find(module: nn.Module, method: str) -> Factorizer | None:
+    """The factorizer for `module` and `method`, following the class hierarchy; None if none."""
+    for klass in type(module).__mro__:
+        f = _REGISTRY.get((klass, method))
+        if f is not None:
+            return f
+    return None
+
+
+def is_registered_type(module: nn.Module) -> bool:
+    """True if some method is registered for this module's type."""
+    return any(isinstance(module, t) for t in registered_types())

@@ -1,0 +1,80 @@
+"""Plain-text rendering of a Plan (what `print(plan)` shows)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tensorslim.plan.plan import Plan
+
+
+def human(n: int | float | None) -> str:
+    """1234567 -> '1.23M'; None -> '-'."""
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def render_plan(plan: Plan, width: int = 160) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=None, show_lines=False, pad_edge=False)
+    for col, justify in (
+        ("layer", "left"),
+        ("type", "left"),
+        ("shape", "left"),
+        ("method", "left"),
+        ("rank", "right"),
+        ("params", "right"),
+        ("FLOPs", "right"),
+        ("rel err", "right"),
+        ("note", "left"),
+    ):
+        table.add_column(col, justify=justify, overflow="fold")
+    for lp in plan.layers:
+        params = f"{human(lp.params_before)}→{human(lp.params_after)}"
+        flops = (
+            "-" if lp.flops_before is None else f"{human(lp.flops_before)}→{human(lp.flops_after)}"
+        )
+        table.add_row(
+            lp.name,
+            lp.type,
+            "×".join(map(str, lp.shape)),
+            lp.method,
+            "-" if lp.rank is None else str(lp.rank),
+            params,
+            flops,
+            "-" if lp.rel_error is None else f"{lp.rel_error:.3f}",
+            lp.reason or "",
+        )
+    console = Console(width=width, record=True, file=_Null(), color_system=None)
+    console.print(table)
+    head = (
+        f"Plan: method={plan.method} allocator={plan.allocator} cost={plan.cost} "
+        f"keep requested={plan.keep:.3f} achieved={plan.achieved_keep:.3f} "
+        f"(over compressible layers)"
+    )
+    tail = (
+        f"Model params {human(plan.model_params_before)} → {human(plan.model_params_after)} "
+        f"(compression ratio {plan.compression_ratio:.2f}×)"
+    )
+    if plan.model_flops_before is not None and plan.model_flops_after is not None:
+        ratio = plan.model_flops_before / max(1, plan.model_flops_after)
+        tail += (
+            f"; FLOPs of Linear/Conv layers {human(plan.model_flops_before)} → "
+            f"{human(plan.model_flops_after)} ({ratio:.2f}×)"
+        )
+    return head + "\n" + console.export_text() + tail
+
+
+class _Null:
+    def write(self, _s: str) -> int:
+        return 0
+
+    def flush(self) -> None:
+        pass

@@ -1,0 +1,111 @@
+"""Built-in models and offline data used by the demo, the tests and the benchmarks.
+
+Each zoo entry builds its architecture, and its trained weights are trained once (seeded) and
+cached under $TENSORSLIM_CACHE (default ~/.cache/tensorslim).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tensorslim.errors import ModelSpecError
+from tensorslim.zoo.digits import DigitsCNN, DigitsMLP, Split, load_digits_split
+
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Where trained zoo weights are cached."""
+    return Path(os.environ.get("TENSORSLIM_CACHE", Path.home() / ".cache" / "tensorslim"))
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """A built-in model: its architecture, training recipe, data and an example input."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    data: Callable[[], Split]
+    epochs: int
+    lr: float
+    description: str
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        return self.data().x_test[:batch].clone()
+
+    def pretrained(self, seed: int = 0, progress: bool = False) -> nn.Module:
+        """The trained model, from the cache or trained now (seeded) and cached atomically."""
+        from safetensors.torch import load_file, save_file
+
+        from tensorslim.io import atomic_write_file
+        from tensorslim.train import fit
+
+        path = cache_dir() / f"{self.name}-seed{seed}-v{CACHE_VERSION}.safetensors"
+        model = self.build()
+        if path.is_file():
+            try:
+                model.load_state_dict(load_file(str(path)))
+                return model.eval()
+            except Exception:  # a corrupt or stale cache entry is simply retrained
+                pass
+        torch.manual_seed(seed)
+        model = self.build()
+        data = self.data()
+        fit(
+            model,
+            data.x_train,
+            data.y_train,
+            epochs=self.epochs,
+            lr=self.lr,
+            seed=seed,
+            progress=progress,
+            description=f"Training {self.name}",
+        )
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        atomic_write_file(path, lambda tmp: save_file(state, str(tmp)))
+        return model.eval()
+
+
+ZOO: dict[str, ZooModel] = {
+    "digits-cnn": ZooModel(
+        "digits-cnn",
+        DigitsCNN,
+        load_digits_split,
+        40,
+        2e-3,
+        "3 convs + 2 Linear layers on sklearn digits (226k params)",
+    ),
+    "digits-mlp": ZooModel(
+        "digits-mlp",
+        DigitsMLP,
+        load_digits_split,
+        40,
+        1e-3,
+        "64-512-256-10 perceptron on sklearn digits (166k params)",
+    ),
+}
+
+
+def get(name: str) -> ZooModel:
+    """The zoo entry called `name`; ModelSpecError listing the known names otherwise."""
+    if name not in ZOO:
+        raise ModelSpecError(f"unknown zoo model {name!r}; known: {', '.join(sorted(ZOO))}")
+    return ZOO[name]
+
+
+__all__ = [
+    "ZOO",
+    "DigitsCNN",
+    "DigitsMLP",
+    "Split",
+    "ZooModel",
+    "cache_dir",
+    "get",
+    "load_digits_split",
+]
