@@ -18,6 +18,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import contextlib
+
 import torch  # noqa: E402
 
 from tensorslim.io import atomic_write_file  # noqa: E402
@@ -38,10 +40,8 @@ def machine_info() -> dict[str, Any]:
         pass
     versions = {}
     for pkg in ("tensorslim", "torch", "numpy", "tensorly", "onnxruntime", "transformers"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
