@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -161,6 +162,12 @@ def compress(
             "example_input_shape": _input_shape(example_input),
         },
     )
+    if plan.achieved_keep > keep + 0.02:
+        plan.meta["warning"] = (
+            f"over budget: achieved keep {plan.achieved_keep:.3f} > requested {keep:.3f}; the "
+            "smallest factorizations of the compressible layers already cost more than the budget"
+        )
+        warnings.warn(plan.meta["warning"], UserWarning, stacklevel=2)
     if example_input is not None:
         was_training = compressed.training
         compressed.eval()

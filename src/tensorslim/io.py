@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -185,14 +186,16 @@ def export_onnx(
         if opset is not None:
             kwargs["opset_version"] = opset
         try:  # the TorchScript exporter is fast and needs no extra packages
-            torch.onnx.export(
-                model,
-                args,
-                str(tmp),
-                dynamo=False,
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-                **kwargs,
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.onnx.export(
+                    model,
+                    args,
+                    str(tmp),
+                    dynamo=False,
+                    dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                    **kwargs,
+                )
         except TypeError:  # a torch without the legacy exporter
             torch.onnx.export(model, args, str(tmp), dynamo=True, **kwargs)
 
