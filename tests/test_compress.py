@@ -117,7 +117,7 @@ def test_include_and_exclude_patterns():
         "blocks.1.conv2",
     }
     _, plan = tensorslim.compress(model, 0.5, example_input=x, exclude=["stem", "head"])
-    assert "excluded by pattern 'stem'" == plan.layer("stem").reason
+    assert plan.layer("stem").reason == "excluded by pattern 'stem'"
     assert not plan.layer("head").compressible
 
 
