@@ -231,3 +231,47 @@ def test_infeasible_budget_warns():
     with pytest.warns(UserWarning, match="over budget"):
         _, plan = tensorslim.compress(model, 0.5)
     assert plan.achieved_keep == 0.75 and "over budget" in plan.meta["warning"]
+
+
+def test_custom_layer_type_is_added_by_registering():
+    """A layer type the library does not know becomes compressible with one register() call."""
+    from tensorslim.layers import LowRankLinear
+    from tensorslim.model import LinearSVD
+
+    class ScaledLinear(nn.Module):
+        def __init__(self, n_in, n_out):
+            super().__init__()
+            self.in_features, self.out_features = n_in, n_out
+            self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in**0.5)
+            self.bias = None
+
+        def forward(self, x):
+            return 2.0 * nn.functional.linear(x, self.weight)
+
+    class ScaledLinearSVD(LinearSVD):
+        def apply(self, module, rank):
+            low = LowRankLinear.from_dense(module, rank)
+            return nn.Sequential(low, _Times2())
+
+        def reconstructed_weight(self, factorized):
+            return factorized[0].dense_weight().detach()
+
+    class _Times2(nn.Module):
+        def forward(self, x):
+            return 2.0 * x
+
+    model = nn.Sequential(ScaledLinear(64, 64), nn.ReLU(), ScaledLinear(64, 8))
+    _, plan = tensorslim.compress(model, 0.5)
+    assert plan.layer("0").reason == "no factorizer registered for ScaledLinear"
+    tensorslim.register(ScaledLinear, "svd", ScaledLinearSVD())
+    try:
+        x = torch.randn(3, 64)
+        small, plan = tensorslim.compress(model, 1.0)
+        assert plan.layer("0").compressible
+        small, plan = tensorslim.compress(model, 0.6, allocator="uniform")
+        assert plan.layer("0").factorized and abs(plan.achieved_keep - 0.6) <= 0.02
+        assert small(x).shape == (3, 8)
+    finally:
+        from tensorslim.model.registry import _REGISTRY
+
+        _REGISTRY.pop((ScaledLinear, "svd"))

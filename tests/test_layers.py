@@ -49,7 +49,10 @@ CONV_CASES = [
         nn.Conv1d,
         dict(in_channels=5, out_channels=9, kernel_size=4, stride=2, padding=3, dilation=2),
     ),
+    (nn.Conv3d, dict(in_channels=3, out_channels=6, kernel_size=(2, 3, 3), padding=1)),
 ]
+
+SPATIAL = {nn.Conv1d: (17,), nn.Conv2d: (11, 13), nn.Conv3d: (5, 6, 7)}
 
 
 @pytest.mark.parametrize("conv_type, kwargs", CONV_CASES)
@@ -58,7 +61,7 @@ def test_lowrank_conv_full_rank_matches_dense(conv_type, kwargs):
     m = conv.weight.shape[0]
     n = conv.weight[0].numel()
     low = LowRankConv.from_dense(conv, min(m, n))
-    shape = (2, kwargs["in_channels"]) + ((11, 13) if conv_type is nn.Conv2d else (17,))
+    shape = (2, kwargs["in_channels"]) + SPATIAL[conv_type]
     x = torch.randn(*shape, dtype=torch.float64)
     torch.testing.assert_close(low(x), conv(x), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(low.to_dense()(x), conv(x), rtol=1e-9, atol=1e-9)
@@ -70,7 +73,7 @@ def test_lowrank_conv_truncated_equals_conv_with_reconstructed_kernel(conv_type,
     low = LowRankConv.from_dense(conv, 2)
     dense = low.to_dense()
     torch.testing.assert_close(dense.weight, low.dense_weight())
-    shape = (3, kwargs["in_channels"]) + ((9, 10) if conv_type is nn.Conv2d else (15,))
+    shape = (3, kwargs["in_channels"]) + SPATIAL[conv_type]
     x = torch.randn(*shape, dtype=torch.float64)
     torch.testing.assert_close(low(x), dense(x), rtol=1e-9, atol=1e-9)
     k = conv.weight[0, 0].numel()
