@@ -18,13 +18,20 @@ from torch import nn
 from torch.utils import benchmark as tbench
 
 from _common import write_results
-
 from tensorslim import compress, zoo
 from tensorslim.decompose import rank_for_keep
 from tensorslim.layers import LowRankLinear
 
 SEED = 0
-SHAPES = [(384, 384), (384, 1536), (768, 768), (768, 3072), (1024, 1024), (2048, 2048), (4096, 4096)]
+SHAPES = [
+    (384, 384),
+    (384, 1536),
+    (768, 768),
+    (768, 3072),
+    (1024, 1024),
+    (2048, 2048),
+    (4096, 4096),
+]
 TOKENS = [1, 32, 512]
 KEEPS = [0.75, 0.5, 0.25]
 ROUNDS = 3
@@ -55,7 +62,9 @@ def layer_rows(shapes, tokens, keeps, min_run_time) -> list[dict]:
             for keep in keeps:
                 r = rank_for_keep(n_out, n_in, keep)
                 low = LowRankLinear(n_in, n_out, r)
-                t_dense, t_low = side_by_side(lambda: dense(x), lambda: low(x), min_run_time)
+                t_dense, t_low = side_by_side(
+                    lambda d=dense, x=x: d(x), lambda m=low, x=x: m(x), min_run_time
+                )
                 ideal = (n_in * n_out) / (r * (n_in + n_out))
                 speedup = t_dense / t_low
                 rows.append(
