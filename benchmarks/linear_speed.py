@@ -15,12 +15,12 @@ import sys
 
 import torch
 from torch import nn
-from torch.utils import benchmark as tbench
 
 from _common import write_results
 from tensorslim import compress, zoo
 from tensorslim.decompose import rank_for_keep
 from tensorslim.layers import LowRankLinear
+from tensorslim.model import compare_calls
 
 SEED = 0
 SHAPES = [
@@ -37,18 +37,10 @@ KEEPS = [0.75, 0.5, 0.25]
 ROUNDS = 3
 
 
-def median_ms(fn, min_run_time: float) -> float:
-    t = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return t.blocked_autorange(min_run_time=min_run_time).median * 1e3
-
-
 def side_by_side(a, b, min_run_time: float) -> tuple[float, float]:
     """Best-of-ROUNDS median latency (ms) of two callables timed alternately."""
-    ta, tb = [], []
-    for _ in range(ROUNDS):
-        ta.append(median_ms(a, min_run_time))
-        tb.append(median_ms(b, min_run_time))
-    return min(ta), min(tb)
+    ta, tb = compare_calls([a, b], rounds=ROUNDS, min_run_time=min_run_time)
+    return ta.median_ms, tb.median_ms
 
 
 @torch.inference_mode()

@@ -2,7 +2,13 @@
 name, params and FLOPs per layer and in total, measured latency."""
 
 from tensorslim.model.factorizers import ConvSVD, LinearSVD, MatrixSVDFactorizer, register_builtin
-from tensorslim.model.latency import Latency, measure_latency
+from tensorslim.model.latency import (
+    Latency,
+    compare_calls,
+    compare_models,
+    measure_latency,
+    time_call,
+)
 from tensorslim.model.profile import (
     LayerInfo,
     count_params,
@@ -31,6 +37,8 @@ __all__ = [
     "LinearSVD",
     "MatrixSVDFactorizer",
     "Option",
+    "compare_calls",
+    "compare_models",
     "count_params",
     "find",
     "find_layers",
@@ -40,5 +48,6 @@ __all__ = [
     "registered_methods",
     "run_model",
     "set_submodule",
+    "time_call",
     "trace_sites",
 ]

@@ -1,44 +1,70 @@
-"""Measured CPU latency of a model on one input: median of repeated timed forward passes."""
+"""Measured CPU latency: medians of timed forward passes (torch.utils.benchmark), and side-by-side
+comparisons that alternate two models so background load affects both alike."""
 
 from __future__ import annotations
 
-import statistics
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import benchmark as tbench
 
 from tensorslim.model.profile import run_model
 
 
 @dataclass(frozen=True)
 class Latency:
-    """Milliseconds per forward pass: median and the 10th / 90th percentiles over `repeats`."""
+    """Milliseconds per call: the best (lowest) of `rounds` medians, and every round's median."""
 
     median_ms: float
-    p10_ms: float
-    p90_ms: float
-    repeats: int
+    round_medians_ms: tuple[float, ...]
+
+
+def time_call(fn: Callable[[], Any], min_run_time: float = 0.1) -> float:
+    """Median milliseconds per call of `fn` over blocked runs lasting at least `min_run_time` s."""
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def _forward(model: nn.Module, example_input: Any) -> Callable[[], Any]:
+    def call():
+        return run_model(model, example_input)
+
+    return call
+
+
+def compare_calls(
+    fns: list[Callable[[], Any]], rounds: int = 3, min_run_time: float = 0.1
+) -> list[Latency]:
+    """Time several callables alternately for `rounds` rounds; best-of-rounds median for each."""
+    for fn in fns:  # warm-up (allocator, lazy init, caches)
+        fn()
+    per = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            per[i].append(time_call(fn, min_run_time))
+    return [Latency(min(t), tuple(t)) for t in per]
 
 
 def measure_latency(
-    model: nn.Module, example_input: Any, warmup: int = 5, repeats: int = 30
+    model: nn.Module, example_input: Any, rounds: int = 3, min_run_time: float = 0.1
 ) -> Latency:
-    """Time `repeats` forward passes after `warmup` untimed ones, in eval mode without gradients."""
-    was_training = model.training
-    model.eval()
+    """Latency of `model` on `example_input` in eval mode under inference_mode."""
+    return compare_models([model], example_input, rounds, min_run_time)[0]
+
+
+def compare_models(
+    models: list[nn.Module], example_input: Any, rounds: int = 3, min_run_time: float = 0.1
+) -> list[Latency]:
+    """Latencies of several models on the same input, timed alternately (see compare_calls)."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
     try:
         with torch.inference_mode():
-            for _ in range(warmup):
-                run_model(model, example_input)
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                run_model(model, example_input)
-                times.append((time.perf_counter() - t0) * 1e3)
+            return compare_calls([_forward(m, example_input) for m in models], rounds, min_run_time)
     finally:
-        model.train(was_training)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
-    return Latency(statistics.median(times), q[0], q[-1], repeats)
+        for m, mode in zip(models, modes):
+            m.train(mode)
