@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorslim import __version__
+from tensorslim import __version__, _calibration
 from tensorslim._progress import track
 from tensorslim.decompose import relative_error, singular_values, tail_energy
 from tensorslim.errors import PlanMismatchError, TensorSlimError, check_keep
@@ -25,6 +25,7 @@ from tensorslim.model import (
     run_model,
     set_submodule,
     trace_sites,
+    with_objective,
 )
 from tensorslim.plan import ALLOCATORS, DENSE, Candidate, LayerPlan, Plan
 
@@ -65,6 +66,10 @@ def compress(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     progress: bool = False,
+    calibration: Any = None,
+    loss: Any = None,
+    objective: str | None = None,
+    method_options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, Plan]:
     """Factorize `model`'s layers so that a fraction `keep` of their cost remains.
 
@@ -74,12 +79,23 @@ def compress(
     weight error for the budget) or "uniform" (same keep for every layer).
     include / exclude: fnmatch patterns on dotted layer names.
 
+    Data-aware compression (methods "fwsvd", "fvd", "whitened", or any method with a data-aware
+    objective): calibration is an iterable of model inputs (tensors, tuples of positional inputs or
+    dicts of keyword inputs), consumed once; its first batch is the example input if none is given.
+    loss(model, batch) -> scalar tensor, needed for the Fisher information ("fwsvd", "fvd",
+    objective "fisher"). objective: what the allocator minimises per layer, "weight" (relative
+    squared weight error), "fisher" (loss increase estimated from the Fisher diagonal) or "feature"
+    (relative squared output error on the calibration inputs); default per method (svd: weight,
+    fwsvd/fvd: fisher, whitened: feature). method_options: e.g. {"solver": "als", "iters": 30} for
+    fvd, {"damp": 1e-6} for whitened (tensorslim.model.data_aware.DEFAULTS lists them).
+
     Returns a new model (the input is never modified) and the Plan that was applied.
     """
     keep = check_keep(keep)
     _check_choice("cost", cost, COSTS)
     _check_choice("method", method, registered_methods())
     _check_choice("allocator", allocator, list(ALLOCATORS))
+    batches, example_input = _calibration.peek(calibration, example_input)
     if cost == "flops" and example_input is None:
         raise TensorSlimError("cost='flops' needs example_input to measure the FLOPs of each layer")
 
@@ -89,11 +105,23 @@ def compress(
         for info in layers:
             if info.compressible and info.site.output_shape is None:
                 info.reason = "not executed on the example input"
+    data_meta = _calibration.attach(
+        model,
+        layers,
+        method,
+        batches,
+        loss=loss,
+        objective=objective,
+        method_options=method_options,
+        progress=progress,
+    )
     compressible = [info for info in layers if info.compressible]
 
     candidates, options = [], []
     for info in track(compressible, "Analysing layers", progress):
-        opts = info.factorizer.options(info.module, info.site)
+        opts = with_objective(
+            info.factorizer, info.module, info.site, info.factorizer.options(info.module, info.site)
+        )
         dense = info.params() if cost == "params" else info.flops()
         costs = [o.params if cost == "params" else o.flops for o in opts]
         candidates.append(Candidate(info.name, dense, costs, [o.error for o in opts]))
@@ -129,7 +157,10 @@ def compress(
                 lp.rel_error = 0.0
             else:
                 opt = opts[i]
-                new = info.factorizer.apply(get_submodule(compressed, info.name), opt.rank)
+                new, extra = info.factorizer.apply_site(
+                    get_submodule(compressed, info.name), opt.rank, info.site
+                )
+                lp.extra.update(extra)
                 set_submodule(compressed, info.name, new)
                 lp.method, lp.rank = method, opt.rank
                 lp.params_after, lp.flops_after = opt.params, opt.flops
@@ -160,6 +191,7 @@ def compress(
             "torch": torch.__version__,
             "model_class": type(model).__name__,
             "example_input_shape": _input_shape(example_input),
+            **data_meta,
         },
     )
     if plan.achieved_keep > keep + 0.02:

@@ -1,6 +1,7 @@
 """Surgery and accounting: compressible layers (a registry by module type), replacement by dotted
 name, params and FLOPs per layer and in total, measured latency."""
 
+from tensorslim.model.data_aware import OBJECTIVES, register_data_aware, with_objective
 from tensorslim.model.factorizers import ConvSVD, LinearSVD, MatrixSVDFactorizer, register_builtin
 from tensorslim.model.latency import (
     Latency,
@@ -27,6 +28,7 @@ from tensorslim.model.registry import (
 from tensorslim.model.surgery import get_submodule, set_submodule
 
 register_builtin()
+register_data_aware()
 
 __all__ = [
     "ConvSVD",
@@ -36,6 +38,7 @@ __all__ = [
     "Latency",
     "LinearSVD",
     "MatrixSVDFactorizer",
+    "OBJECTIVES",
     "Option",
     "compare_calls",
     "compare_models",
@@ -50,4 +53,5 @@ __all__ = [
     "set_submodule",
     "time_call",
     "trace_sites",
+    "with_objective",
 ]

@@ -10,7 +10,7 @@ type are handled unless they register their own factorizer.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,11 +19,18 @@ from torch import nn
 
 @dataclass(frozen=True)
 class LayerSite:
-    """What one forward pass told us about a layer: its input and output shapes (None if unknown)."""
+    """What one forward pass told us about a layer: its input and output shapes (None if unknown).
+
+    `stats` holds calibration statistics (tensorslim.calibrate.LayerStats) when compress was given
+    calibration data, and `settings` the data-aware options (objective, solver, ...); both stay None
+    otherwise and only data-aware factorizers read them.
+    """
 
     name: str
     input_shape: tuple[int, ...] | None = None
     output_shape: tuple[int, ...] | None = None
+    stats: Any = field(default=None, compare=False, repr=False)
+    settings: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,16 @@ class Factorizer(ABC):
     def apply(self, module: nn.Module, rank: Any) -> nn.Module:
         """The factorized replacement of `module` at `rank`, weights computed from the dense layer."""
 
+    # What calibration a data-aware factorizer needs: "gram" (inputs' X^T X) and/or "fisher".
+    needs: frozenset[str] = frozenset()
+
+    def apply_site(
+        self, module: nn.Module, rank: Any, site: LayerSite
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        """Like `apply`, with the layer's site (calibration statistics); data-aware methods
+        override it. Returns (replacement, facts for the plan's LayerPlan.extra)."""
+        return self.apply(module, rank), {}
+
     @abstractmethod
     def empty(self, module: nn.Module, rank: Any) -> nn.Module:
         """The factorized structure at `rank` with unset weights (to load saved weights into)."""
@@ -83,17 +100,29 @@ class Factorizer(ABC):
 
 
 _REGISTRY: dict[tuple[type[nn.Module], str], Factorizer] = {}
+# Types of optional libraries registered by qualified name ("transformers.pytorch_utils.Conv1D"),
+# so that registering them needs no import of the library.
+_BY_NAME: dict[tuple[str, str], Factorizer] = {}
 
 
-def register(module_type: type[nn.Module], method: str, factorizer: Factorizer) -> None:
-    """Make `method` available for layers of `module_type` (and subclasses without their own)."""
+def _qualname(klass: type) -> str:
+    return f"{klass.__module__}.{klass.__qualname__}"
+
+
+def register(module_type: type[nn.Module] | str, method: str, factorizer: Factorizer) -> None:
+    """Make `method` available for layers of `module_type` (and subclasses without their own).
+
+    `module_type` may also be a class's qualified name, "package.module.Class"."""
     factorizer.method = method
-    _REGISTRY[(module_type, method)] = factorizer
+    if isinstance(module_type, str):
+        _BY_NAME[(module_type, method)] = factorizer
+    else:
+        _REGISTRY[(module_type, method)] = factorizer
 
 
 def registered_methods() -> list[str]:
     """All method names known to the registry."""
-    return sorted({m for _, m in _REGISTRY})
+    return sorted({m for _, m in _REGISTRY} | {m for _, m in _BY_NAME})
 
 
 def registered_types() -> list[type[nn.Module]]:
@@ -104,7 +133,7 @@ def registered_types() -> list[type[nn.Module]]:
 def find(module: nn.Module, method: str) -> Factorizer | None:
     """The factorizer for `module` and `method`, following the class hierarchy; None if none."""
     for klass in type(module).__mro__:
-        f = _REGISTRY.get((klass, method))
+        f = _REGISTRY.get((klass, method)) or _BY_NAME.get((_qualname(klass), method))
         if f is not None:
             return f
     return None
@@ -112,4 +141,7 @@ def find(module: nn.Module, method: str) -> Factorizer | None:
 
 def is_registered_type(module: nn.Module) -> bool:
     """True if some method is registered for this module's type."""
-    return any(isinstance(module, t) for t in registered_types())
+    if any(isinstance(module, t) for t in registered_types()):
+        return True
+    names = {_qualname(k) for k in type(module).__mro__}
+    return any(n in names for n, _ in _BY_NAME)

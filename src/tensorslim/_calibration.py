@@ -1,0 +1,114 @@
+"""compress()'s calibration step: run the calibration batches once and attach each compressible
+layer's statistics and the data-aware settings to its LayerSite (used by api.compress)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from tensorslim.calibrate import calibrate
+from tensorslim.errors import TensorSlimError
+from tensorslim.model import LayerInfo
+from tensorslim.model.data_aware import DEFAULT_OBJECTIVE, DEFAULTS, OBJECTIVE_NEEDS, OBJECTIVES
+
+
+def peek(calibration: Iterable[Any] | None, example_input: Any) -> tuple[Any, Any]:
+    """(batches, example_input): the first calibration batch serves as example input if none."""
+    if calibration is None:
+        return None, example_input
+    if isinstance(calibration, (torch.Tensor, dict)):
+        raise TensorSlimError(
+            "calibration must be an iterable of batches (e.g. a list or a DataLoader of model "
+            f"inputs), not a single {type(calibration).__name__}; wrap it in a list"
+        )
+    it = iter(calibration)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise TensorSlimError("calibration data is empty: give at least one batch") from None
+    return itertools.chain([first], it), first if example_input is None else example_input
+
+
+def attach(
+    model: nn.Module,
+    layers: list[LayerInfo],
+    method: str,
+    batches: Iterable[Any] | None,
+    *,
+    loss: Callable[[nn.Module, Any], torch.Tensor] | None,
+    objective: str | None,
+    method_options: dict[str, Any] | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Validate the data-aware choices, calibrate, and set `site.stats` / `site.settings` of every
+    compressible layer. Returns facts for the plan's meta (empty when nothing data-aware happens)."""
+    if objective is not None and objective not in OBJECTIVES:
+        raise TensorSlimError(
+            f"objective must be one of {', '.join(map(repr, OBJECTIVES))}; got {objective!r}"
+        )
+    unknown = set(method_options or {}) - (set(DEFAULTS) - {"objective"})
+    if unknown:
+        raise TensorSlimError(
+            f"unknown method_options {sorted(unknown)}; known: {sorted(set(DEFAULTS) - {'objective'})}"
+        )
+    compressible = [info for info in layers if info.compressible]
+    obj = objective or DEFAULT_OBJECTIVE.get(method, "weight")
+    needs: set[str] = set(OBJECTIVE_NEEDS[obj])
+    for info in compressible:
+        needs |= set(getattr(info.factorizer, "needs", frozenset()))
+    if needs and batches is None:
+        what = "Fisher estimate" if "fisher" in needs else "input statistics"
+        raise TensorSlimError(
+            f"method {method!r} with objective {obj!r} needs a {what}: pass calibration=batches"
+            + (" and loss=fn (loss(model, batch) -> scalar)" if "fisher" in needs else "")
+        )
+    if "fisher" in needs and loss is None:
+        raise TensorSlimError(
+            f"method {method!r} with objective {obj!r} needs the Fisher information of a loss: "
+            "pass loss=fn with fn(model, batch) -> scalar tensor"
+        )
+    if batches is None:
+        return {}
+    if not needs:  # nothing data-aware to compute: the calibration data is not needed
+        return {"objective": obj}
+    settings = {**(method_options or {}), "objective": obj}
+    was_training = model.training
+    model.eval()  # statistics of the inputs as the model is used, like the shape trace
+    try:
+        stats = calibrate(
+            model,
+            {info.name: info.module for info in compressible},
+            batches,
+            loss=loss if "fisher" in needs else None,
+            gram="gram" in needs,
+            progress=progress,
+        )
+    finally:
+        model.train(was_training)
+    rows = 0
+    for info in compressible:
+        st = stats[info.name]
+        parts = [st, *st.parts.values()]
+        if "gram" in needs and not any(p.rows for p in parts):
+            info.reason = "not executed on the calibration data"
+            continue
+        rows = max(rows, st.rows)
+        info.site = dataclasses.replace(info.site, stats=st, settings=settings)
+    batches_seen = max(
+        (p.fisher_batches for st in stats.values() for p in [st, *st.parts.values()]), default=0
+    )
+    return {
+        "objective": obj,
+        "calibration": {
+            "fisher": "fisher" in needs,
+            "gram": "gram" in needs,
+            "loss_batches": batches_seen,
+            "input_rows_max": rows,
+        },
+        "method_options": dict(method_options or {}),
+    }

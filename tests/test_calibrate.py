@@ -1,0 +1,148 @@
+"""Calibration statistics (calibrate/): Gram matrices, Fisher diagonal, samples, feature errors."""
+
+import pytest
+import torch
+from torch import nn
+
+from tensorslim.calibrate import LayerStats, calibrate, feature_errors
+from tensorslim.decompose import output_error
+from tensorslim.errors import ExampleInputError, TensorSlimError
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+
+
+def test_gram_is_x_transpose_x_of_layer_inputs_over_all_batches():
+    model = _mlp()
+    xs = [torch.randn(5, 6), torch.randn(7, 6), torch.randn(2, 4, 6)]  # extra leading dims too
+    stats = calibrate(model, {"0": model[0], "2": model[2]}, xs)
+    rows0 = torch.cat([x.reshape(-1, 6) for x in xs]).double()
+    assert torch.allclose(stats["0"].gram, rows0.T @ rows0)
+    assert stats["0"].rows == 5 + 7 + 8
+    with torch.no_grad():
+        h = torch.cat([torch.relu(model[0](x)).reshape(-1, 8) for x in xs]).double()
+    assert torch.allclose(stats["2"].gram, h.T @ h, atol=1e-10)
+    assert torch.allclose(stats["2"].covariance, h.T @ h / h.shape[0], atol=1e-12)
+    assert stats["0"].fisher is None
+
+
+def test_fisher_is_mean_squared_gradient_and_grads_untouched():
+    model = _mlp()
+    data = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(3)]
+
+    def loss(m, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(m(x), y)
+
+    model[2].weight.requires_grad_(False)  # frozen weights still get a Fisher estimate
+    wrapped = _Wrap(model)  # takes (x, y) tuples as positional inputs for the Gram pass
+    stats = calibrate(
+        wrapped, {"0": model[0], "2": model[2]}, data, loss=lambda m, b: loss(m.net, b)
+    )
+    expect0 = torch.zeros(8, 6, dtype=torch.float64)
+    expect2 = torch.zeros(3, 8, dtype=torch.float64)
+    for x, y in data:
+        w0 = model[0].weight.detach().clone().requires_grad_(True)
+        w2 = model[2].weight.detach().clone().requires_grad_(True)
+        h = torch.relu(nn.functional.linear(x, w0, model[0].bias))
+        out = nn.functional.linear(h, w2, model[2].bias)
+        g0, g2 = torch.autograd.grad(nn.functional.cross_entropy(out, y), [w0, w2])
+        expect0 += g0.double() ** 2
+        expect2 += g2.double() ** 2
+    assert torch.allclose(stats["0"].fisher, expect0 / 3, rtol=1e-6, atol=1e-12)
+    assert torch.allclose(stats["2"].fisher, expect2 / 3, rtol=1e-6, atol=1e-12)
+    assert stats["0"].fisher_batches == 3
+    assert model[0].weight.grad is None  # .grad fields are not touched
+    assert not model[2].weight.requires_grad  # restored
+
+
+class _Wrap(nn.Module):
+    """Takes (x, y) batches as positional inputs; the forward ignores y."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, y=None):
+        return self.net(x)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=1),
+        nn.Conv2d(3, 4, (3, 2), padding=(2, 1), dilation=(2, 1)),
+        nn.Conv1d(4, 6, 5, stride=2, padding=3, dilation=2),
+    ],
+)
+def test_conv_gram_gives_exact_output_error(conv):
+    """The unfolded-patch Gram matrix turns any kernel change into the exact output change."""
+    conv.eval()
+    shape = (2, conv.in_channels, 9, 8) if isinstance(conv, nn.Conv2d) else (2, 4, 17)
+    xs = [torch.randn(*shape), torch.randn(*shape)]
+    stats = calibrate(conv, {"c": conv}, xs)
+    w = conv.weight.detach().reshape(conv.out_channels, -1).double()
+    delta = torch.randn_like(w) * 0.1
+    w_hat = w + delta
+    other = type(conv)(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=False,
+    ).double()
+    direct = 0.0
+    with torch.no_grad():
+        other.weight.copy_(delta.reshape(conv.weight.shape))
+        for x in xs:
+            direct += float(other(x.double()).pow(2).sum())
+    assert output_error(w, w_hat, stats["c"].gram) == pytest.approx(direct, rel=1e-9)
+
+
+def test_dict_batches_samples_and_bounds():
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, input_ids, scale=1.0):
+            return self.lin(input_ids) * scale
+
+    model = KW()
+    batches = ({"input_ids": torch.randn(3, 2, 4), "scale": 2.0} for _ in range(4))
+    stats = calibrate(model, {"lin": model.lin}, batches, max_samples=5)
+    st = stats["lin"]
+    assert st.rows == 4 * 3 * 2
+    assert len(st.inputs) == len(st.outputs) == 5
+    assert st.inputs[0].shape == (1, 2, 4)
+    errs = feature_errors(model.lin, st.inputs, st.outputs)
+    assert errs["absolute"] == pytest.approx(0.0, abs=1e-6) and errs["samples"] == 5
+
+
+def test_feature_errors_values():
+    lin = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.zero_()
+    x = [torch.ones(1, 3)]
+    f = [torch.tensor([[3.0, 4.0]])]
+    e = feature_errors(lin, x, f)
+    assert e["absolute"] == pytest.approx(5.0)
+    assert e["relative"] == pytest.approx(1.0)
+    assert e["scaled"] == pytest.approx(2.5)
+
+
+def test_calibration_refusals():
+    model = _mlp()
+    with pytest.raises(TensorSlimError, match="empty"):
+        calibrate(model, {"0": model[0]}, [])
+    with pytest.raises(ExampleInputError, match="calibration batch 1"):
+        calibrate(model, {"0": model[0]}, [torch.randn(2, 5)])
+    with pytest.raises(TensorSlimError, match="scalar"):
+        calibrate(model, {"0": model[0]}, [torch.randn(2, 6)], loss=lambda m, b: m(b))
+    with pytest.raises(TensorSlimError, match="does not know"):
+        calibrate(model, {"1": model[1]}, [torch.randn(2, 6)])
+    assert isinstance(LayerStats().parts, dict)
