@@ -231,7 +231,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, weights: str = "factorize") -> n
                 f"plan says layer {lp.name!r} is a {lp.type}, but the model has a "
                 f"{type(module).__name__} there"
             )
-        shape = list(getattr(module, "weight", torch.empty(0)).shape)
+        shape = list(_weight_shape(module))
         if shape != list(lp.shape):
             raise PlanMismatchError(
                 f"plan says layer {lp.name!r} has weight shape {lp.shape}, the model's is {shape}"
@@ -245,6 +245,15 @@ def apply_plan(model: nn.Module, plan: Plan, *, weights: str = "factorize") -> n
         build = factorizer.apply if weights == "factorize" else factorizer.empty
         set_submodule(out, lp.name, build(module, _rank(lp.rank)))
     return out
+
+
+def _weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The shape a plan records for a layer (LayerInfo.shape): its weight's, else its first
+    parameter's (nn.MultiheadAttention: in_proj_weight)."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        w = next(iter(module.parameters()), torch.empty(0))
+    return tuple(w.shape)
 
 
 def _rank(rank: Any) -> Any:

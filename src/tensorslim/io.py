@@ -28,6 +28,19 @@ PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "model.safetensors"
 # Files a tensorslim output folder may hold; a folder with anything else is never replaced.
 MANAGED_FILES = {PLAN_FILE, WEIGHTS_FILE, "model.onnx"}
+# Files of a Hugging Face model folder written by tensorslim.hf.save_pretrained (config + tokenizer).
+MANAGED_FILES |= {
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+}
 
 
 def atomic_write_dir(out: str | Path, write: Callable[[Path], None]) -> Path:

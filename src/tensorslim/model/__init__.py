@@ -1,6 +1,7 @@
 """Surgery and accounting: compressible layers (a registry by module type), replacement by dotted
 name, params and FLOPs per layer and in total, measured latency."""
 
+from tensorslim.model.attention import MHAFactorizer, register_attention
 from tensorslim.model.data_aware import OBJECTIVES, register_data_aware, with_objective
 from tensorslim.model.factorizers import ConvSVD, LinearSVD, MatrixSVDFactorizer, register_builtin
 from tensorslim.model.latency import (
@@ -29,6 +30,7 @@ from tensorslim.model.surgery import get_submodule, set_submodule
 
 register_builtin()
 register_data_aware()
+register_attention()
 
 __all__ = [
     "ConvSVD",
@@ -37,6 +39,7 @@ __all__ = [
     "LayerSite",
     "Latency",
     "LinearSVD",
+    "MHAFactorizer",
     "MatrixSVDFactorizer",
     "OBJECTIVES",
     "Option",

@@ -98,22 +98,31 @@ def nested_factors(
     raise ValueError(f"no nested factors for method {method!r}")
 
 
+def objective_curve(
+    objective: str, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, st: Any
+) -> tuple[torch.Tensor, float | None]:
+    """(absolute error of every truncation r = 0..K, normaliser) under `objective`: the
+    normaliser is ||W||^2 or tr(W G W^T) for the relative objectives, None for "fisher"."""
+    if objective == "weight":
+        c = truncation_curves(w, a, b)
+        return c["weight"], float(c["weight_total"])
+    if objective == "feature":
+        c = truncation_curves(w, a, b, gram=st.gram)
+        return c["feature"], float(c["feature_total"])
+    if objective == "fisher":
+        c = truncation_curves(w, a, b, fisher=st.fisher)
+        return 0.5 * c["fisher"], None
+    raise TensorSlimError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
 def objective_errors(
     objective: str, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, st: Any
 ) -> list[float]:
     """Error of every truncation r = 0..K of (a, b) under `objective` (see module docstring)."""
-    if objective == "weight":
-        c = truncation_curves(w, a, b)
-        total = float(c["weight_total"]) or 1.0
-        return (c["weight"] / total).tolist()
-    if objective == "feature":
-        c = truncation_curves(w, a, b, gram=st.gram)
-        total = float(c["feature_total"]) or 1.0
-        return (c["feature"] / total).tolist()
-    if objective == "fisher":
-        c = truncation_curves(w, a, b, fisher=st.fisher)
-        return (0.5 * c["fisher"]).tolist()
-    raise TensorSlimError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    curve, total = objective_curve(objective, w, a, b, st)
+    if total is not None:
+        curve = curve / (total or 1.0)
+    return curve.tolist()
 
 
 def matrix_options(

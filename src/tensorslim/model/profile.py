@@ -13,6 +13,7 @@ from torch import nn
 
 from tensorslim.errors import ExampleInputError, NonFiniteWeightError
 from tensorslim.layers import LowRankConv, LowRankLinear
+from tensorslim.model import registry
 from tensorslim.model.registry import Factorizer, LayerSite, find, is_registered_type
 
 # Layers produced by tensorslim: never searched again for compressible children.
@@ -94,7 +95,7 @@ def find_layers(
             found.append(LayerInfo(name, module, None, "already factorized", LayerSite(name)))
             return
         opaque = next((r for t, r in OPAQUE_TYPES.items() if isinstance(module, t)), None)
-        if opaque is not None:
+        if opaque is not None and registry.find(module, method) is None:
             found.append(LayerInfo(name, module, None, opaque, LayerSite(name)))
             return
         if name and is_registered_type(module):
@@ -176,6 +177,8 @@ def trace_sites(model: nn.Module, layers: list[LayerInfo], example_input: Any) -
     def make_hook(info: LayerInfo):
         def hook(_mod, inputs, output):
             x = inputs[0] if inputs else None
+            if isinstance(output, (tuple, list)):  # e.g. nn.MultiheadAttention: (output, weights)
+                output = next((o for o in output if isinstance(o, torch.Tensor)), None)
             info.site = LayerSite(
                 info.name,
                 tuple(x.shape) if isinstance(x, torch.Tensor) else None,
