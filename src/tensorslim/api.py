@@ -162,8 +162,12 @@ def compress(
                 )
                 lp.extra.update(extra)
                 set_submodule(compressed, info.name, new)
-                lp.method, lp.rank = method, opt.rank
+                lp.method, lp.rank = _plan_method(info, opt, method)
                 lp.params_after, lp.flops_after = opt.params, opt.flops
+                if info.note:
+                    lp.reason = info.note
+                lp.extra["keep"] = round(opt.params / lp.params_before, 6)
+                lp.extra["compression"] = round(1 - opt.params / lp.params_before, 6)
                 lp.rel_error = relative_error(
                     info.factorizer.weight(info.module), info.factorizer.reconstructed_weight(new)
                 )
@@ -208,6 +212,17 @@ def compress(
         finally:
             compressed.train(was_training)
     return compressed, plan
+
+
+def _plan_method(info: LayerInfo, opt: Any, method: str) -> tuple[str, Any]:
+    """The method and rank a plan records for the chosen option: "auto" records the method it
+    picked (its options carry it, their rank is (method, rank)); a fallback (a tensor method on a
+    Linear layer) records the method that did the work."""
+    if getattr(opt, "method", None):
+        return opt.method, opt.rank[1]
+    if info.note:
+        return info.factorizer.method, opt.rank
+    return method, opt.rank
 
 
 def _sum_flops(plans: list[LayerPlan], key: str) -> int | None:

@@ -2,5 +2,24 @@
 
 from tensorslim.layers.lowrank_conv import LowRankConv
 from tensorslim.layers.lowrank_linear import LowRankLinear
+from tensorslim.layers.tensor_conv import (
+    TENSOR_CONVS,
+    ConvGeometry,
+    CPConv,
+    FactorizedConv,
+    SpatialSVDConv,
+    TTConv,
+    Tucker2Conv,
+)
 
-__all__ = ["LowRankConv", "LowRankLinear"]
+__all__ = [
+    "TENSOR_CONVS",
+    "CPConv",
+    "ConvGeometry",
+    "FactorizedConv",
+    "LowRankConv",
+    "LowRankLinear",
+    "SpatialSVDConv",
+    "TTConv",
+    "Tucker2Conv",
+]

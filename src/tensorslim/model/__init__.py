@@ -29,11 +29,31 @@ from tensorslim.model.registry import (
 from tensorslim.model.surgery import get_submodule, set_submodule
 
 register_builtin()
+
+from tensorslim.model.tensor_factorizers import (  # noqa: E402  (registers after the builtins)
+    TENSOR_METHODS,
+    ConvAuto,
+    ConvCP,
+    ConvSpatialSVD,
+    ConvTT,
+    ConvTucker2,
+    TensorConvFactorizer,
+    register_tensor_methods,
+)
+
+register_tensor_methods()
 register_data_aware()
 register_attention()
 
 __all__ = [
+    "ConvAuto",
+    "ConvCP",
     "ConvSVD",
+    "ConvSpatialSVD",
+    "ConvTT",
+    "ConvTucker2",
+    "TENSOR_METHODS",
+    "TensorConvFactorizer",
     "Factorizer",
     "LayerInfo",
     "LayerSite",

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from tensorslim.errors import ExampleInputError, NonFiniteWeightError
-from tensorslim.layers import LowRankConv, LowRankLinear
+from tensorslim.layers import FactorizedConv, LowRankConv, LowRankLinear
 from tensorslim.model import registry
-from tensorslim.model.registry import Factorizer, LayerSite, find, is_registered_type
+from tensorslim.model.registry import Factorizer, LayerSite, is_registered_type, resolve
 
 # Layers produced by tensorslim: never searched again for compressible children.
-FACTORIZED_TYPES: tuple[type[nn.Module], ...] = (LowRankLinear, LowRankConv)
+FACTORIZED_TYPES: tuple[type[nn.Module], ...] = (LowRankLinear, LowRankConv, FactorizedConv)
 
 # Modules whose children's weights are read directly by the parent's forward, so replacing a child
 # would be silently ignored (nn.MultiheadAttention calls F.multi_head_attention_forward on
@@ -39,6 +39,8 @@ class LayerInfo:
     factorizer: Factorizer | None
     reason: str | None  # None: compressible with the requested method
     site: LayerSite
+    # Set when another method handles this layer (a tensor method on a Linear: the matrix SVD).
+    note: str | None = None
 
     @property
     def type_name(self) -> str:
@@ -119,7 +121,7 @@ def _classify(
     include: Sequence[str] | None,
     exclude: Sequence[str] | None,
 ) -> LayerInfo:
-    factorizer = find(module, method)
+    factorizer, note = resolve(module, method)
     site = LayerSite(name)
     if factorizer is None:
         reason = f"method {method!r} does not support {type(module).__name__}"
@@ -138,7 +140,7 @@ def _classify(
                 f"layer {name!r} ({type(module).__name__}) has {bad} NaN/Inf weight values; "
                 "fix or exclude it (exclude=[...] / --exclude)"
             )
-    return LayerInfo(name, module, factorizer, reason, site)
+    return LayerInfo(name, module, factorizer, reason, site, note)
 
 
 def run_model(model: nn.Module, example_input: Any) -> Any:

@@ -45,6 +45,8 @@ class Option:
     params: int
     flops: int | None
     error: float
+    # The method that produces this option when a factorizer pools several (method "auto").
+    method: str | None = None
 
 
 class Factorizer(ABC):
@@ -137,6 +139,39 @@ def find(module: nn.Module, method: str) -> Factorizer | None:
         if f is not None:
             return f
     return None
+
+
+# method -> the method used instead on layer types without a factorizer of their own (a tensor
+# method on nn.Linear is a matrix factorization, so it falls back to the matrix SVD).
+_FALLBACKS: dict[str, str] = {}
+
+
+def register_fallback(method: str, fallback: str) -> None:
+    """Layers with no `method` factorizer but one for `fallback` use that one, with a note."""
+    _FALLBACKS[method] = fallback
+
+
+def resolve(module: nn.Module, method: str) -> tuple[Factorizer | None, str | None]:
+    """The factorizer that handles `module` for `method`, and a note when it is a fallback.
+
+    A factorizer may define `delegate(module) -> (factorizer, note) | None` to hand layers where
+    its method reduces to another (a 1x1 conv is a matrix) to that method's factorizer.
+    """
+    f = find(module, method)
+    if f is not None:
+        delegate = getattr(f, "delegate", None)
+        handed = delegate(module) if delegate is not None else None
+        return handed if handed is not None else (f, None)
+    fallback = _FALLBACKS.get(method)
+    g = find(module, fallback) if fallback else None
+    if g is None:
+        return None, None
+    kind = type(module).__name__
+    if isinstance(module, nn.Linear):
+        why = f"{kind} is a matrix: {method!r} reduces to a matrix factorization"
+    else:
+        why = f"no {method!r} factorizer for {kind}"
+    return g, f"{why}; falls back to {fallback!r}"
 
 
 def is_registered_type(module: nn.Module) -> bool:

@@ -1,0 +1,392 @@
+"""Tensor-decomposition factorizers for nn.Conv1d / nn.Conv2d: "cp", "tucker2", "tt", "spatial_svd",
+and "auto" (per layer, the option with the lowest relative weight error at each cost).
+
+Ranks from keep (Schuurmans et al., ICLR 2023, following tltorch's `rank=<float>`): CP takes the
+largest R with R(out + in + sum k) <= keep * dense; Tucker-2 and TT take ranks proportional to their
+full (exact) ranks, scaled by the largest factor that fits; spatial SVD the largest r with
+r(in kh + out kw) <= keep * dense. Parameters include the bias, as for the dense layer.
+
+Options for the allocators. The error of an iterative or multi-rank decomposition is only known
+after computing it, so CP, Tucker-2 and TT are evaluated on a coarse grid of keeps (`GRID`, 20
+values from 0.02 to 0.9 that include 0.1, 0.25, 0.5 and 0.75; TT, being cheap, on `FINE_GRID`, steps
+of 0.025; kernels above `BIG_KERNEL` elements use `BIG_GRID`, 6 values, to bound CP's time). Ranks
+from a keep land just under it (see decompose.tensor._largest_rho). Spatial SVD is exact for every rank from its singular
+values, so it lists every useful rank. Decompositions are cached (by kernel content, method, rank
+and settings; `CACHE_SIZE` entries) so applying the chosen option does not recompute it.
+
+1x1 convolutions are matrices; every tensor method falls back to the matrix SVD there, and on a
+Conv1d "spatial_svd" (one spatial axis) is the matrix SVD too. The plan records the fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from tensorslim.decompose.tensor import (
+    Decomposition,
+    cp_params,
+    cp_rank_for_keep,
+    spatial_svd_errors,
+    spatial_svd_params,
+    spatial_svd_rank_for_keep,
+    tt_params,
+    tt_ranks_for_keep,
+    tucker2_params,
+    tucker2_ranks_for_keep,
+)
+from tensorslim.layers.tensor_conv import (
+    ConvGeometry,
+    CPConv,
+    FactorizedConv,
+    SpatialSVDConv,
+    TTConv,
+    Tucker2Conv,
+)
+from tensorslim.model.registry import Factorizer, LayerSite, Option, find
+
+GRID = (
+    0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25,
+    0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9,
+)  # fmt: skip
+FINE_GRID = tuple(round(0.025 * i, 3) for i in range(1, 39))  # 0.025 ... 0.95
+BIG_GRID = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
+BIG_KERNEL = 1_000_000
+CACHE_SIZE = 256
+
+_CACHE: OrderedDict[tuple, Decomposition] = OrderedDict()
+
+
+def _fingerprint(w: torch.Tensor) -> str:
+    data = w.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest() + str(tuple(w.shape))
+
+
+def clear_cache() -> None:
+    """Forget cached decompositions."""
+    _CACHE.clear()
+
+
+def chain_flops(layer: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs (2 per multiply-add) of a chain of convs on `input_shape`, traced on the meta device."""
+    flops = 0
+    x = torch.empty(input_shape, device="meta")
+    for conv in layer.children():
+        x = conv(x)
+        flops += 2 * x.numel() * conv.weight[0].numel()
+    return flops
+
+
+class TensorConvFactorizer(Factorizer):
+    """Shared logic of the tensor methods on nn.Conv1d / nn.Conv2d (groups == 1)."""
+
+    layer_cls: type[FactorizedConv] = FactorizedConv
+    grid: tuple[float, ...] = GRID
+
+    def __init__(self, **options: Any) -> None:
+        self.decompose_options = options
+
+    # -- what is supported ----------------------------------------------------------------
+    def delegate(self, module: nn.Module) -> tuple[Factorizer, str] | None:
+        """(the matrix-SVD factorizer, note) where this method reduces to a matrix SVD."""
+        if math.prod(module.kernel_size) == 1:
+            svd = find(module, "svd")
+            if svd is not None:
+                note = f"1x1 convolution is a matrix: {self.method!r} falls back to the matrix SVD"
+                return svd, note
+        return None
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        if module.groups != 1:
+            kind = "depthwise" if module.groups == module.in_channels else "grouped"
+            return (
+                f"{kind} convolution (groups={module.groups}) is not supported by {self.method!r}"
+            )
+        if self.rank_for_keep(module, 1.0 - 1e-9) is None or not self._ranks(module):
+            return f"too small to gain: no {self.method!r} rank stores fewer parameters than dense"
+        return None
+
+    # -- costs ------------------------------------------------------------------------------
+    def _bias(self, module: nn.Module) -> int:
+        return 0 if module.bias is None else module.bias.numel()
+
+    def dense_params(self, module: nn.Module) -> int:
+        return module.weight.numel() + self._bias(module)
+
+    def dense_flops(self, module: nn.Module, site: LayerSite) -> int | None:
+        if site.output_shape is None:
+            return None
+        positions = math.prod(site.output_shape) // module.out_channels
+        return 2 * positions * module.weight.numel()
+
+    def params(self, module: nn.Module, rank: Any) -> int:
+        """Parameters of the factorized layer at `rank`, bias included."""
+        return self._params(tuple(module.weight.shape), rank) + self._bias(module)
+
+    def flops(self, module: nn.Module, rank: Any, site: LayerSite) -> int | None:
+        if site.input_shape is None:
+            return None
+        g = replace(ConvGeometry.of(module), device="meta")
+        return chain_flops(self.layer_cls(g, rank), site.input_shape)
+
+    # -- ranks ------------------------------------------------------------------------------
+    def _params(self, shape: tuple[int, ...], rank: Any) -> int:
+        raise NotImplementedError
+
+    def _rank_for_keep_shape(self, shape: tuple[int, ...], keep: float, extra: int) -> Any:
+        raise NotImplementedError
+
+    def rank_for_keep(self, module: nn.Module, keep: float) -> Any:
+        r = self._rank_for_keep_shape(tuple(module.weight.shape), keep, self._bias(module))
+        if not r:
+            return None
+        if self.params(module, r) >= self.dense_params(module):
+            return None
+        return r
+
+    def _ranks(self, module: nn.Module) -> list[Any]:
+        """Distinct ranks of the keep grid, by rising cost, all strictly below the dense cost."""
+        grid = BIG_GRID if module.weight.numel() > BIG_KERNEL else self.grid
+        ranks: list[Any] = []
+        dense = self.dense_params(module)
+        for keep in grid:
+            r = self.rank_for_keep(module, keep)
+            if r is not None and r not in ranks and self.params(module, r) < dense:
+                ranks.append(r)
+        return sorted(ranks, key=lambda r: self.params(module, r))
+
+    # -- decomposition ----------------------------------------------------------------------
+    def decompose(self, module: nn.Module, rank: Any) -> Decomposition:
+        """The decomposition of `module.weight` at `rank`, from the cache when possible."""
+        w = module.weight.detach()
+        key = (
+            self.method,
+            _fingerprint(w),
+            rank,
+            tuple(sorted(self.decompose_options.items())),
+        )
+        dec = _CACHE.get(key)
+        if dec is None:
+            dec = self.layer_cls.decompose(w, rank, **self.decompose_options)
+            _CACHE[key] = dec
+            while len(_CACHE) > CACHE_SIZE:
+                _CACHE.popitem(last=False)
+        else:
+            _CACHE.move_to_end(key)
+        return dec
+
+    def options(self, module: nn.Module, site: LayerSite) -> list[Option]:
+        out = []
+        for r in self._ranks(module):
+            out.append(
+                Option(
+                    rank=r,
+                    params=self.params(module, r),
+                    flops=self.flops(module, r, site),
+                    error=self.decompose(module, r).rel_error ** 2,
+                )
+            )
+        return out
+
+    def apply(self, module: nn.Module, rank: Any) -> nn.Module:
+        dec = self.decompose(module, self._normalize(rank))
+        layer = self.layer_cls.from_decomposition(module, dec)
+        return layer.to(device=module.weight.device, dtype=module.weight.dtype)
+
+    def apply_site(
+        self, module: nn.Module, rank: Any, site: LayerSite
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        layer = self.apply(module, rank)
+        return layer, dict(layer.decomposition_info)
+
+    def empty(self, module: nn.Module, rank: Any) -> nn.Module:
+        return self.layer_cls.empty_like(module, self._normalize(rank))
+
+    def _normalize(self, rank: Any) -> Any:
+        return tuple(int(r) for r in rank) if isinstance(rank, (list, tuple)) else int(rank)
+
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.detach()
+
+    def reconstructed_weight(self, factorized: nn.Module) -> torch.Tensor:
+        return factorized.dense_weight().detach()
+
+
+class ConvCP(TensorConvFactorizer):
+    """CP-ALS (seeded random init, TensorLy parafac); rank R, params R(out + in + sum k)."""
+
+    layer_cls = CPConv
+
+    def _params(self, shape, rank):
+        return cp_params(shape, int(rank))
+
+    def _rank_for_keep_shape(self, shape, keep, extra):
+        return cp_rank_for_keep(shape, keep, extra) or None
+
+
+class ConvTucker2(TensorConvFactorizer):
+    """Tucker-2 (HOOI by default, HOSVD with algorithm="hosvd"); rank (r_out, r_in)."""
+
+    layer_cls = Tucker2Conv
+
+    def _params(self, shape, rank):
+        return tucker2_params(shape, tuple(rank))
+
+    def _rank_for_keep_shape(self, shape, keep, extra):
+        return tucker2_ranks_for_keep(shape, keep, extra)
+
+
+class ConvTT(TensorConvFactorizer):
+    """Tensor-train by TT-SVD; ranks (r1, r2, r3) for Conv2d, (r1, r2) for Conv1d."""
+
+    layer_cls = TTConv
+    grid = FINE_GRID  # TT-SVD is a few SVDs: cheap enough for a finer grid
+
+    def _params(self, shape, rank):
+        return tt_params(shape, tuple(rank))
+
+    def _rank_for_keep_shape(self, shape, keep, extra):
+        return tt_ranks_for_keep(shape, keep, extra)
+
+
+class ConvSpatialSVD(TensorConvFactorizer):
+    """Spatial SVD (kh x 1 then 1 x kw); every useful rank with its exact error."""
+
+    layer_cls = SpatialSVDConv
+
+    def delegate(self, module: nn.Module) -> tuple[Factorizer, str] | None:
+        if module.weight.ndim == 3:
+            svd = find(module, "svd")
+            if svd is not None:
+                return svd, "Conv1d has one spatial axis: 'spatial_svd' is the matrix SVD here"
+        return super().delegate(module)
+
+    def _params(self, shape, rank):
+        return spatial_svd_params(shape, int(rank))
+
+    def _rank_for_keep_shape(self, shape, keep, extra):
+        return spatial_svd_rank_for_keep(shape, keep, extra) or None
+
+    def _ranks(self, module: nn.Module) -> list[Any]:
+        top = self.rank_for_keep(module, 1.0 - 1e-9)
+        return list(range(1, (top or 0) + 1))
+
+    def options(self, module: nn.Module, site: LayerSite) -> list[Option]:
+        errors = spatial_svd_errors(module.weight.detach()).tolist()
+        return [
+            Option(r, self.params(module, r), self.flops(module, r, site), errors[r])
+            for r in self._ranks(module)
+        ]
+
+
+AUTO_METHODS = ("svd", "cp", "tucker2", "tt", "spatial_svd")
+
+
+class ConvAuto(Factorizer):
+    """Per layer, the candidate of the methods in AUTO_METHODS with the lowest relative squared
+    weight error at each cost: the options are the Pareto front (cost, error) of all methods'
+    options, each tagged with its method (Option.method; the option's rank is (method, rank)).
+    Where two methods tie, the earlier one in AUTO_METHODS wins."""
+
+    def __init__(self, methods: tuple[str, ...] = AUTO_METHODS) -> None:
+        self.methods = methods
+
+    def _members(self, module: nn.Module) -> list[Factorizer]:
+        seen, out = set(), []
+        for m in self.methods:
+            f = find(module, m)
+            if f is None:
+                continue
+            delegate = getattr(f, "delegate", None)
+            d = delegate(module) if delegate else None
+            if d is not None:
+                f = d[0]
+            if id(f) in seen or f.unsupported_reason(module) is not None:
+                continue
+            seen.add(id(f))
+            out.append(f)
+        return out
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        if self._members(module):
+            return None
+        reasons = [
+            f.unsupported_reason(module) for m in self.methods if (f := find(module, m)) is not None
+        ]
+        return reasons[0] if reasons else "no method supports this layer"
+
+    def dense_params(self, module: nn.Module) -> int:
+        return module.weight.numel() + (0 if module.bias is None else module.bias.numel())
+
+    def dense_flops(self, module: nn.Module, site: LayerSite) -> int | None:
+        if site.output_shape is None:
+            return None
+        return 2 * math.prod(site.output_shape) // module.out_channels * module.weight.numel()
+
+    def options(self, module: nn.Module, site: LayerSite) -> list[Option]:
+        pooled = []
+        for f in self._members(module):
+            pooled += [
+                replace(o, rank=(f.method, o.rank), method=f.method)
+                for o in f.options(module, site)
+            ]
+        pooled.sort(key=lambda o: (o.params, o.error))
+        front, best = [], math.inf
+        for o in pooled:
+            if o.error < best - 1e-12:
+                front.append(o)
+                best = o.error
+        return front
+
+    def rank_for_keep(self, module: nn.Module, keep: float) -> Any:
+        """(method, rank) of the lowest-error option within keep * dense parameters."""
+        budget = keep * self.dense_params(module)
+        fits = [o for o in self.options(module, LayerSite("")) if o.params <= budget]
+        return fits[-1].rank if fits else None
+
+    def apply(self, module: nn.Module, rank: Any) -> nn.Module:
+        method, r = rank
+        return find(module, method).apply(module, r)
+
+    def apply_site(
+        self, module: nn.Module, rank: Any, site: LayerSite
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        method, r = rank
+        f = find(module, method)
+        if hasattr(f, "apply_site"):
+            return f.apply_site(module, r, site)
+        return f.apply(module, r), {}
+
+    def empty(self, module: nn.Module, rank: Any) -> nn.Module:
+        method, r = rank
+        return find(module, method).empty(module, r)
+
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.detach()
+
+    def reconstructed_weight(self, factorized: nn.Module) -> torch.Tensor:
+        return factorized.dense_weight().detach()
+
+
+TENSOR_METHODS = ("cp", "tucker2", "tt", "spatial_svd", "auto")
+
+
+def register_tensor_methods() -> None:
+    """Register the tensor factorizers for Conv1d / Conv2d, and the matrix-SVD fallback of every
+    tensor method for the other layer types (Linear, Conv3d, ...)."""
+    from tensorslim.model.registry import register, register_fallback
+
+    for conv in (nn.Conv1d, nn.Conv2d):
+        register(conv, "cp", ConvCP())
+        register(conv, "tucker2", ConvTucker2())
+        register(conv, "tt", ConvTT())
+        register(conv, "spatial_svd", ConvSpatialSVD())
+        register(conv, "auto", ConvAuto())
+    for method in TENSOR_METHODS:
+        register_fallback(method, "svd")
