@@ -14,7 +14,7 @@ from tensorslim.errors import (
     NonFiniteWeightError,
     TensorSlimError,
 )
-from tensorslim.layers import LowRankConv, LowRankLinear
+from tensorslim.layers import LowRankConv, LowRankLinear, LowRankRNN
 from tensorslim.layers.attention import RoutedMultiheadAttention
 from tests.models import MODELS
 
@@ -55,7 +55,7 @@ def test_unseen_models_hit_keep_and_still_run(name, allocator, keep):
     for lp in plan.factorized_layers:
         assert lp.params_after < lp.params_before
         layer = small.get_submodule(lp.name)
-        assert isinstance(layer, (LowRankLinear, LowRankConv, RoutedMultiheadAttention))
+        assert isinstance(layer, (LowRankLinear, LowRankConv, RoutedMultiheadAttention, LowRankRNN))
         assert sum(p.numel() for p in layer.parameters()) == lp.params_after
 
 
@@ -66,7 +66,7 @@ def test_unsupported_layers_are_reported_with_reasons():
     assert "no factorizer registered for Embedding" in reasons["emb"]
     # nn.MultiheadAttention is factorized through its projections (model/attention.py)
     assert "MultiheadAttention" in (reasons["attn"] or "") or plan.layer("attn").compressible
-    assert "LSTM" in reasons["rnn"] or plan.layer("rnn").compressible
+    assert plan.layer("rnn").factorized  # recurrent matrices are factorized per matrix
     model, x = _build("resnetish")
     _, plan = tensorslim.compress(model, 0.5, example_input=x)
     assert "depthwise" in plan.layer("dw").reason
@@ -210,10 +210,10 @@ def test_random_mlps_hit_the_budget(widths, keep, allocator):
     x = torch.randn(3, widths[0])
     small, plan = tensorslim.compress(model, keep, allocator=allocator, example_input=x)
     small(x)
-    if plan.achieved_keep > keep + 0.02:
-        # only when even rank 1 everywhere is over budget, and then the plan says so
-        assert all(lp.rank == 1 for lp in plan.layers if lp.compressible and lp.factorized)
-        assert "over budget" in plan.meta["warning"]
+    if plan.achieved_keep > keep + 1e-9:
+        # only when even rank 1 everywhere is over budget; beyond the 0.02 tolerance the plan says so
+        assert all(lp.rank == 1 for lp in plan.layers if lp.compressible)
+        assert plan.achieved_keep <= keep + 0.02 or "over budget" in plan.meta["warning"]
         return
     assert plan.achieved_keep <= keep + 1e-9
     # what is left of the budget is smaller than any single step up (one more rank, or dense)

@@ -2,6 +2,7 @@
 
 from tensorslim.layers.lowrank_conv import LowRankConv
 from tensorslim.layers.lowrank_linear import LowRankLinear
+from tensorslim.layers.lowrank_rnn import LowRankRNN
 from tensorslim.layers.tensor_conv import (
     TENSOR_CONVS,
     ConvGeometry,
@@ -19,6 +20,7 @@ __all__ = [
     "FactorizedConv",
     "LowRankConv",
     "LowRankLinear",
+    "LowRankRNN",
     "SpatialSVDConv",
     "TTConv",
     "Tucker2Conv",

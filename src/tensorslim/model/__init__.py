@@ -45,6 +45,10 @@ register_tensor_methods()
 register_data_aware()
 register_attention()
 
+from tensorslim.model.rnn_factorizer import RNNSVD, register_rnn  # noqa: E402
+
+register_rnn()
+
 __all__ = [
     "ConvAuto",
     "ConvCP",
@@ -70,6 +74,7 @@ __all__ = [
     "find_layers",
     "get_submodule",
     "measure_latency",
+    "RNNSVD",
     "register",
     "registered_methods",
     "run_model",

@@ -12,12 +12,17 @@ import torch
 from torch import nn
 
 from tensorslim.errors import ExampleInputError, NonFiniteWeightError
-from tensorslim.layers import FactorizedConv, LowRankConv, LowRankLinear
+from tensorslim.layers import FactorizedConv, LowRankConv, LowRankLinear, LowRankRNN
 from tensorslim.model import registry
 from tensorslim.model.registry import Factorizer, LayerSite, is_registered_type, resolve
 
 # Layers produced by tensorslim: never searched again for compressible children.
-FACTORIZED_TYPES: tuple[type[nn.Module], ...] = (LowRankLinear, LowRankConv, FactorizedConv)
+FACTORIZED_TYPES: tuple[type[nn.Module], ...] = (
+    LowRankLinear,
+    LowRankConv,
+    FactorizedConv,
+    LowRankRNN,
+)
 
 # Modules whose children's weights are read directly by the parent's forward, so replacing a child
 # would be silently ignored (nn.MultiheadAttention calls F.multi_head_attention_forward on
