@@ -14,11 +14,10 @@ from torch import nn
 from tensorslim import __version__, _calibration
 from tensorslim._progress import track
 from tensorslim.decompose import relative_error, singular_values, tail_energy
-from tensorslim.errors import PlanMismatchError, TensorSlimError, check_keep
+from tensorslim.errors import TensorSlimError, check_keep
 from tensorslim.model import (
     LayerInfo,
     count_params,
-    find,
     find_layers,
     get_submodule,
     registered_methods,
@@ -28,6 +27,7 @@ from tensorslim.model import (
     with_objective,
 )
 from tensorslim.plan import ALLOCATORS, DENSE, Candidate, LayerPlan, Plan
+from tensorslim.plan.apply import apply_plan  # noqa: F401  (public API, re-exported)
 
 COSTS = ("params", "flops")
 
@@ -228,52 +228,6 @@ def _plan_method(info: LayerInfo, opt: Any, method: str) -> tuple[str, Any]:
 def _sum_flops(plans: list[LayerPlan], key: str) -> int | None:
     vals = [getattr(lp, key) for lp in plans if getattr(lp, key) is not None]
     return sum(vals) if vals else None
-
-
-def apply_plan(model: nn.Module, plan: Plan, *, weights: str = "factorize") -> nn.Module:
-    """A copy of `model` with every factorized layer of `plan` replaced.
-
-    weights: "factorize" computes the factors from the model's dense weights; "empty" only builds the
-    structure (to load saved weights into). Raises PlanMismatchError if the plan names a layer the
-    model lacks or one of another type or shape.
-    """
-    _check_choice("weights", weights, ("factorize", "empty"))
-    out = copy.deepcopy(model)
-    for lp in plan.factorized_layers:
-        module = get_submodule(out, lp.name)
-        if type(module).__name__ != lp.type:
-            raise PlanMismatchError(
-                f"plan says layer {lp.name!r} is a {lp.type}, but the model has a "
-                f"{type(module).__name__} there"
-            )
-        shape = list(_weight_shape(module))
-        if shape != list(lp.shape):
-            raise PlanMismatchError(
-                f"plan says layer {lp.name!r} has weight shape {lp.shape}, the model's is {shape}"
-            )
-        factorizer = find(module, lp.method)
-        if factorizer is None:
-            raise PlanMismatchError(
-                f"plan asks for method {lp.method!r} on {lp.name!r} ({lp.type}), which is not "
-                f"registered; known methods: {', '.join(registered_methods())}"
-            )
-        build = factorizer.apply if weights == "factorize" else factorizer.empty
-        set_submodule(out, lp.name, build(module, _rank(lp.rank)))
-    return out
-
-
-def _weight_shape(module: nn.Module) -> tuple[int, ...]:
-    """The shape a plan records for a layer (LayerInfo.shape): its weight's, else its first
-    parameter's (nn.MultiheadAttention: in_proj_weight)."""
-    w = getattr(module, "weight", None)
-    if not isinstance(w, torch.Tensor):
-        w = next(iter(module.parameters()), torch.empty(0))
-    return tuple(w.shape)
-
-
-def _rank(rank: Any) -> Any:
-    """Ranks come back from JSON as int or list; tuple ranks are restored as tuples."""
-    return tuple(rank) if isinstance(rank, list) else rank
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorslim.api import apply_plan
+from tensorslim.plan.apply import apply_plan
 from tensorslim.errors import ExampleInputError, TensorSlimError, WeightFileError
 from tensorslim.plan import Plan
 
