@@ -5,13 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench clean install
+.PHONY: demo test test-all lint bench bench-deps clean install
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,transformers]'
+	$(BIN)/python -m pip install -q -e '.[dev,transformers,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +30,11 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# Data the benchmarks need from Debian (Fashion-MNIST for cnn_fashion); idempotent, needs root.
+bench-deps:
+	test -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz || \
+		(apt-get update && apt-get install -y dataset-fashion-mnist)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/linear_speed.py

@@ -265,6 +265,101 @@ def export(
         console.print(f"onnxruntime vs PyTorch: max abs difference {np.abs(got - want).max():.3g}")
 
 
+@app.command()
+@user_errors
+def truncate(
+    model_arg: str | None = typer.Argument(
+        None, help="A zoo model with labelled data (e.g. cnn4-fashion, digits-cnn)."
+    ),
+    cuts: str = typer.Option(
+        "all", help="'all' or cuts separated by ';', e.g. 'out|in,kh,kw;out,in|kh,kw'."
+    ),
+    retain: str = typer.Option("0.9,0.7,0.5", help="Norm-retention targets ||K~||/||K||."),
+    chi: str = typer.Option("", help="Bond dimensions χ to truncate to (comma-separated)."),
+    mps: str = typer.Option("0.5,0.25", help="MPS bond fractions for sequential truncation."),
+    layers: list[str] | None = typer.Option(None, "--layer", help="Only these conv layers."),
+    test_size: int = typer.Option(2000, help="Test images used for accuracy (0: all)."),
+    retrain_epochs: int = typer.Option(0, help="Retrain the worst all-layer truncation N epochs."),
+    out: Path = typer.Option(Path("tensorslim-truncate"), "--out", "-o", help="Output folder."),
+) -> None:
+    """Truncate conv kernels along cuts (bipartitions of out, in, kh, kw) and report kernel-norm
+    loss against accuracy, per layer and for all layers; writes truncation.json and .png."""
+    import json
+
+    from tensorslim import zoo
+    from tensorslim.io import atomic_write_file
+    from tensorslim.report import rich_table
+    from tensorslim.report.truncation_plot import plot_truncation
+    from tensorslim.study.truncation import truncation_study
+
+    if not model_arg or model_arg not in zoo.ZOO:
+        raise TensorSlimError(
+            "truncate needs a zoo model with labelled data: " + ", ".join(sorted(zoo.ZOO))
+        )
+
+    def numbers(text: str, kind=float) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise TensorSlimError(f"expected comma-separated numbers, got {text!r}") from None
+
+    retains = numbers(retain)
+    if any(not 0 < r <= 1 for r in retains):
+        raise TensorSlimError(f"--retain values must be in (0, 1]; got {retain!r}")
+    entry = zoo.get(model_arg)
+    net = entry.pretrained(progress=True)
+    data = entry.data()
+    n = len(data.x_test) if test_size <= 0 else min(test_size, len(data.x_test))
+    try:
+        study = truncation_study(
+            net,
+            data.x_test[:n],
+            data.y_test[:n],
+            cuts=None if cuts == "all" else [c for c in cuts.split(";") if c.strip()],
+            retains=retains,
+            chis=numbers(chi, int),
+            mps_fractions=numbers(mps),
+            layers=layers or None,
+            retrain_epochs=retrain_epochs,
+            x_train=data.x_train,
+            y_train=data.y_train,
+            progress=True,
+        )
+    except ValueError as exc:
+        raise TensorSlimError(str(exc)) from None
+    rows = [
+        {
+            "layer": r.layer,
+            "cut": r.cut,
+            "level": r.level,
+            "bond": r.bond,
+            "norm loss": round(r.norm_loss, 4),
+            "norm² loss": round(r.norm_loss_sq, 4),
+            "accuracy": round(r.accuracy, 4),
+            "drop (pts)": round(r.drop, 2),
+        }
+        for r in study.rows
+    ]
+    console.print(
+        rich_table(rows, title=f"{model_arg}: dense accuracy {study.dense_accuracy:.4f} on {n}")
+    )
+    if study.recovery:
+        console.print(rich_table(study.recovery, title="Recovery by retraining"))
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": model_arg,
+        "test_size": n,
+        "dense_accuracy": study.dense_accuracy,
+        "rows": study.table(),
+        "recovery": study.recovery,
+    }
+    atomic_write_file(
+        out / "truncation.json", lambda p: p.write_text(json.dumps(payload, indent=2))
+    )
+    plot = plot_truncation(study, out / "truncation.png", title=f"{model_arg}: truncation")
+    console.print(f"Results: {out / 'truncation.json'}; plot: {plot}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -20,6 +20,7 @@ Conv1d "spatial_svd" (one spatial axis) is the matrix SVD too. The plan records 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections import OrderedDict
@@ -74,10 +75,13 @@ def clear_cache() -> None:
 
 
 def chain_flops(layer: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs (2 per multiply-add) of a chain of convs on `input_shape`, traced on the meta device."""
+    """FLOPs (2 per multiply-add) of a chain of convs (a conv, or a module whose children are
+    convs applied in order) on `input_shape`, traced on the meta device."""
+    if any(p.device.type != "meta" for p in layer.parameters()):
+        layer = copy.deepcopy(layer).to("meta")
     flops = 0
     x = torch.empty(input_shape, device="meta")
-    for conv in layer.children():
+    for conv in list(layer.children()) or [layer]:
         x = conv(x)
         flops += 2 * x.numel() * conv.weight[0].numel()
     return flops

@@ -16,6 +16,7 @@ from torch import nn
 
 from tensorslim.errors import ModelSpecError
 from tensorslim.zoo.digits import DigitsCNN, DigitsMLP, Split, load_digits_split
+from tensorslim.zoo.fashion_models import GaripovNet, VanillaCNN4, fashion_subset_split
 
 CACHE_VERSION = 1
 
@@ -89,6 +90,24 @@ ZOO: dict[str, ZooModel] = {
         1e-3,
         "64-512-256-10 perceptron on sklearn digits (166k params)",
     ),
+    "garipov-fashion": ZooModel(
+        "garipov-fashion",
+        GaripovNet,
+        fashion_subset_split,
+        2,
+        1e-3,
+        "GaripovNet (6 convs 64-64-128-128-128-128, BatchNorm) on Fashion-MNIST, trained on "
+        "15k images (566k params; needs dataset-fashion-mnist)",
+    ),
+    "cnn4-fashion": ZooModel(
+        "cnn4-fashion",
+        VanillaCNN4,
+        fashion_subset_split,
+        3,
+        1e-3,
+        "vanilla 4-conv CNN (32-32-64-64) on Fashion-MNIST, trained on 15k images (96k params; "
+        "needs dataset-fashion-mnist)",
+    ),
 }
 
 
@@ -103,6 +122,8 @@ __all__ = [
     "ZOO",
     "DigitsCNN",
     "DigitsMLP",
+    "GaripovNet",
+    "VanillaCNN4",
     "Split",
     "ZooModel",
     "cache_dir",

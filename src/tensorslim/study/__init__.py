@@ -1,0 +1,1 @@
+"""Studies: error proxies, sweeps, truncation analysis."""
