@@ -8,10 +8,12 @@ from tensorslim.errors import TensorSlimError  # noqa: E402
 from tensorslim.io import export_onnx, load, save  # noqa: E402
 from tensorslim.model import measure_latency, register  # noqa: E402
 from tensorslim.plan import LayerPlan, Plan  # noqa: E402
+from tensorslim.plan.rank_tuning import RankTuningResult, rank_tuning  # noqa: E402
 
 __all__ = [
     "LayerPlan",
     "Plan",
+    "RankTuningResult",
     "TensorSlimError",
     "__version__",
     "analyze",
@@ -20,6 +22,7 @@ __all__ = [
     "export_onnx",
     "load",
     "measure_latency",
+    "rank_tuning",
     "register",
     "save",
 ]

@@ -1,0 +1,237 @@
+"""Rank-Tuning (Maison, du Mas des Bourboux, Courtat 2023, arXiv 2310.12688, Sec. "Rank-Tuning").
+
+For each weight matrix independently (all others at full rank), find the smallest rank whose
+truncated SVD keeps the validation metric at a target; do it for several targets at once; a matrix
+that never meets a target stays dense. Then every chosen rank is applied together, per target, and
+the result is evaluated.
+
+The paper tries r = 1, 2, 3, ... (only ranks with r(m+n) < mn). Here `search="bisect"` assumes the
+metric is monotone in the rank of one matrix (truncating less never hurts) and bisects on
+[1, r_max], sharing one cache of evaluations between all targets; `search="scan"` is the paper's
+increasing scan (stopping once every target is met), kept for comparison and for metrics that are
+far from monotone. Works on every matrix the "svd" factorizers handle: Linear, Conv (kernel
+reshaped to out x in*k*k) and each gate matrix of GRU/LSTM.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tensorslim._progress import track
+from tensorslim.decompose import max_useful_rank, svd
+from tensorslim.errors import TensorSlimError
+from tensorslim.layers.lowrank_rnn import rnn_matrices
+from tensorslim.model import (
+    RNNSVD,
+    MatrixSVDFactorizer,
+    count_params,
+    find_layers,
+    get_submodule,
+)
+from tensorslim.plan.apply import apply_plan
+from tensorslim.plan.plan import LayerPlan, Plan
+
+
+@dataclass(frozen=True)
+class TunedMatrix:
+    """One matrix: the layer holding it, the parameter name, its (m, n) view and largest useful rank."""
+
+    layer: str
+    param: str
+    shape: tuple[int, int]
+    r_max: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer}.{self.param}" if self.param != "weight" else self.layer
+
+
+@dataclass
+class RankTuningResult:
+    """`ranks[target][matrix key]` is the chosen rank (None: dense); `plans[target]` the Plan;
+    `metrics[target]` the metric of the model with all of that target's ranks applied."""
+
+    reference: float
+    targets: list[float]
+    higher_is_better: bool
+    ranks: dict[float, dict[str, int | None]]
+    plans: dict[float, Plan]
+    metrics: dict[float, float] = field(default_factory=dict)
+    evaluations: int = 0
+    search: str = "bisect"
+
+    def threshold(self, target: float) -> float:
+        """The metric value a truncation must reach for `target` (a tolerated relative loss)."""
+        return _threshold(self.reference, target, self.higher_is_better)
+
+
+def _threshold(reference: float, target: float, higher_is_better: bool) -> float:
+    scale = abs(reference)
+    return reference - target * scale if higher_is_better else reference + target * scale
+
+
+def _matrices(model: nn.Module, include, exclude) -> list[tuple[TunedMatrix, Any]]:
+    out = []
+    for info in find_layers(model, "svd", include, exclude):
+        if not info.compressible:
+            continue
+        f = info.factorizer
+        if isinstance(f, MatrixSVDFactorizer):
+            m, n = f.matrix(info.module).shape
+            out.append((TunedMatrix(info.name, "weight", (m, n), max_useful_rank(m, n)), f))
+        elif isinstance(f, RNNSVD):
+            for p in rnn_matrices(info.module):
+                m, n = getattr(info.module, p).shape
+                if max_useful_rank(m, n) > 0:
+                    out.append((TunedMatrix(info.name, p, (m, n), max_useful_rank(m, n)), f))
+    return [(t, f) for t, f in out if t.r_max > 0]
+
+
+def rank_tuning(
+    model: nn.Module,
+    metric: Callable[[nn.Module], float],
+    targets: Sequence[float] = (0.0, 0.005, 0.01),
+    *,
+    higher_is_better: bool = True,
+    search: str = "bisect",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    evaluate: bool = True,
+    progress: bool = False,
+) -> RankTuningResult:
+    """Smallest rank per matrix meeting each target, and a Plan per target.
+
+    metric(model) -> float is computed on the caller's validation data (a subset keeps it fast);
+    `higher_is_better` says its direction. targets are tolerated relative losses: 0.01 means the
+    metric may fall 1 % below the uncompressed model's (or rise 1 % above it when lower is better).
+    The input model is not modified.
+    """
+    if search not in ("bisect", "scan"):
+        raise TensorSlimError(f"search must be 'bisect' or 'scan'; got {search!r}")
+    targets = sorted({float(t) for t in targets})
+    if not targets or any(t < 0 for t in targets):
+        raise TensorSlimError(f"targets must be tolerated relative losses >= 0; got {targets}")
+    work = copy.deepcopy(model)
+    was_training = work.training
+    work.eval()
+    evaluations = 0
+
+    def run_metric() -> float:
+        nonlocal evaluations
+        evaluations += 1
+        with torch.no_grad():
+            value = float(metric(work))
+        if value != value:  # NaN
+            raise TensorSlimError("the metric returned NaN")
+        return value
+
+    reference = run_metric()
+    thresholds = {t: _threshold(reference, t, higher_is_better) for t in targets}
+
+    def meets(value: float, t: float) -> bool:
+        return value >= thresholds[t] if higher_is_better else value <= thresholds[t]
+
+    mats = _matrices(work, include, exclude)
+    ranks: dict[float, dict[str, int | None]] = {t: {} for t in targets}
+    for tm, _ in track(mats, "Rank-Tuning", progress, total=len(mats)):
+        param = getattr(get_submodule(work, tm.layer), tm.param)
+        original = param.detach().clone()
+        u, s, vh = svd(original.reshape(tm.shape[0], -1))
+        cache: dict[int, float] = {}
+
+        def value_at(r: int, param=param, original=original, u=u, s=s, vh=vh, cache=cache) -> float:
+            if r not in cache:
+                with torch.no_grad():
+                    param.copy_(((u[:, :r] * s[:r]) @ vh[:r]).reshape(original.shape))
+                try:
+                    cache[r] = run_metric()
+                finally:
+                    with torch.no_grad():
+                        param.copy_(original)
+            return cache[r]
+
+        for t in targets:
+            ranks[t][tm.key] = _search(value_at, lambda v, t=t: meets(v, t), tm.r_max, search)
+    work.train(was_training)
+
+    plans = {t: _plan(model, mats, ranks[t], t) for t in targets}
+    result = RankTuningResult(
+        reference, targets, higher_is_better, ranks, plans, {}, evaluations, search
+    )
+    if evaluate:
+        for t in targets:
+            tuned = apply_plan(model, plans[t]).eval()
+            with torch.no_grad():
+                result.metrics[t] = float(metric(tuned))
+            result.evaluations += 1
+    return result
+
+
+def _search(value_at, ok, r_max: int, search: str) -> int | None:
+    """Smallest r in [1, r_max] with ok(value_at(r)), or None if r_max itself fails."""
+    if search == "scan":
+        for r in range(1, r_max + 1):
+            if ok(value_at(r)):
+                return r
+        return None
+    if not ok(value_at(r_max)):
+        return None
+    lo, hi = 0, r_max  # invariant: hi meets the target; lo does not (0 = nothing kept)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(value_at(mid)):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _plan(model: nn.Module, mats, chosen: dict[str, int | None], target: float) -> Plan:
+    layers: dict[str, LayerPlan] = {}
+    for tm, f in mats:
+        module = get_submodule(model, tm.layer)
+        lp = layers.get(tm.layer)
+        if lp is None:
+            before = f.dense_params(module)
+            w = module.weight if hasattr(module, "weight") else getattr(module, tm.param)
+            lp = layers[tm.layer] = LayerPlan(
+                name=tm.layer,
+                type=type(module).__name__,
+                shape=list(w.shape),
+                params_before=before,
+                params_after=before,
+                compressible=True,
+                reason=f"no rank met target {target}",
+            )
+            if isinstance(f, RNNSVD):
+                lp.rank = {p: None for p in rnn_matrices(module)}
+        r = chosen[tm.key]
+        if isinstance(f, RNNSVD):
+            lp.rank[tm.param] = r
+        elif r is not None:
+            lp.rank = r
+        if r is not None:
+            lp.method, lp.reason = "svd", None
+            m, n = tm.shape
+            lp.params_after -= m * n - r * (m + n)
+    base = list(layers.values())
+    before = sum(lp.params_before for lp in base)
+    after = sum(lp.params_after for lp in base)
+    total = count_params(model)
+    return Plan(
+        layers=base,
+        keep=after / before if before else 1.0,
+        cost="params",
+        method="svd",
+        allocator="rank_tuning",
+        achieved_keep=after / before if before else 1.0,
+        model_params_before=total,
+        model_params_after=total - (before - after),
+        meta={"rank_tuning_target": target},
+    )
