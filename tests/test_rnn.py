@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import tensorslim
-from tensorslim.layers import LowRankRNN
-from tensorslim.layers.lowrank_rnn import rnn_matrices
+from tensorslim.layers import LowRankGRU, LowRankLSTM, LowRankRNN
+from tensorslim.layers.lowrank_rnn import choose_impl, rnn_matrices
 
 
 def _full_ranks(m):
@@ -47,7 +47,8 @@ def test_full_rank_reproduces_outputs_and_final_states(cls, layers, bidir, batch
 def test_packed_sequences_and_dense_roundtrip(cls):
     torch.manual_seed(0)
     m = cls(4, 6, num_layers=2, bidirectional=True, batch_first=True).double()
-    low = LowRankRNN.from_dense(m, _full_ranks(m))
+    low = LowRankRNN.from_dense(m, _full_ranks(m), impl="lowrank")
+    assert isinstance(low, LowRankLSTM if cls is nn.LSTM else LowRankGRU)
     x = torch.randn(3, 5, 4, dtype=torch.float64)
     packed = nn.utils.rnn.pack_padded_sequence(x, [5, 2, 4], batch_first=True, enforce_sorted=False)
     _assert_same(low(packed), m(packed))
@@ -74,6 +75,21 @@ def test_truncated_equals_module_with_reconstructed_weights_and_trains():
     assert n_params == expected
     fused(x)[0].sum().backward()
     assert fused.weight_hh_l1_u.grad is not None and fused.weight_ih_l0.grad is not None
+    loop(x)[0].sum().backward()  # the scripted recurrence is differentiable, same gradients
+    torch.testing.assert_close(loop.weight_hh_l1_u.grad, fused.weight_hh_l1_u.grad)
+    torch.testing.assert_close(loop.weight_ih_l0.grad, fused.weight_ih_l0.grad)
+
+
+def test_auto_impl_computes_with_factors_only_where_it_pays():
+    big = nn.GRU(8, 256)
+    small = nn.GRU(8, 32)
+    low = {"weight_ih_l0": 4, "weight_hh_l0": 16}
+    assert choose_impl(big, low) == "lowrank"
+    assert choose_impl(big, {"weight_ih_l0": 4, "weight_hh_l0": 200}) == "fused"  # no saving
+    assert choose_impl(small, {n: 2 for n in rnn_matrices(small)}) == "fused"  # overhead-bound
+    assert LowRankRNN.from_dense(big, low).impl == "lowrank"
+    with pytest.raises(TypeError):
+        LowRankGRU(nn.LSTM(2, 3), {})
 
 
 class Tagger(nn.Module):
@@ -100,7 +116,11 @@ def test_compress_unseen_recurrent_model(tmp_path, allocator):
     assert abs(plan.achieved_keep - 0.4) <= 0.02
     rnn = plan.layer("rnn")
     assert rnn.factorized and rnn.rank["weight_ih_l0"] is None  # input size 1: never gains
-    assert isinstance(small.rnn, LowRankRNN)
+    assert isinstance(small.rnn, LowRankLSTM)
+    assert rnn.extra["dense_matrices"] == {
+        n: "too small to gain: no rank r gives r(m+n) < mn"
+        for n in ("weight_ih_l0", "weight_ih_l0_reverse")
+    }
     assert sum(p.numel() for p in small.rnn.parameters()) == rnn.params_after
     assert small(x).shape == (2, 9, 5)
     tensorslim.save(small, plan, tmp_path / "out")

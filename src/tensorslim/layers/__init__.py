@@ -2,7 +2,7 @@
 
 from tensorslim.layers.lowrank_conv import LowRankConv
 from tensorslim.layers.lowrank_linear import LowRankLinear
-from tensorslim.layers.lowrank_rnn import LowRankRNN
+from tensorslim.layers.lowrank_rnn import LowRankGRU, LowRankLSTM, LowRankRNN
 from tensorslim.layers.tensor_conv import (
     TENSOR_CONVS,
     ConvGeometry,
@@ -20,6 +20,8 @@ __all__ = [
     "FactorizedConv",
     "LowRankConv",
     "LowRankLinear",
+    "LowRankGRU",
+    "LowRankLSTM",
     "LowRankRNN",
     "SpatialSVDConv",
     "TTConv",

@@ -6,7 +6,10 @@ per-matrix ranks: starting from rank 1 everywhere, each step takes the cheapest 
 (one more rank for one matrix, or that matrix back to dense), the same greedy rule the global
 allocator uses between layers. Every point on the path is an option with a dict rank
 {matrix name: rank or None (dense)}; its error is the sum of the matrices' relative squared errors.
-Matrices too small to gain (r(m+n) >= mn for every r, e.g. an input size of 1) stay dense.
+Matrices too small to gain (r(m+n) >= mn for every r, e.g. an input size of 1) stay dense, and
+the plan's LayerPlan.extra["dense_matrices"] says why. FLOPs follow the implementation the layer
+will run (layers.lowrank_rnn.choose_impl): "lowrank" computes with the factors, "fused" rebuilds
+the dense matrices and runs the dense kernel, so its FLOPs are the dense ones plus the rebuild.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from torch import nn
 
 from tensorslim.decompose import max_useful_rank, singular_values, tail_energy
-from tensorslim.layers.lowrank_rnn import LowRankRNN, rnn_matrices
+from tensorslim.layers.lowrank_rnn import LowRankRNN, choose_impl, rnn_matrices
 from tensorslim.model.registry import Factorizer, LayerSite, Option, register
 
 
@@ -60,12 +63,23 @@ class RNNSVD(Factorizer):
     def _flops(
         self, module: nn.Module, site: LayerSite, ranks: dict[str, int | None]
     ) -> int | None:
-        # The default ("fused") implementation rebuilds each factorized matrix once per call
-        # (2 r m n FLOPs) and then runs the dense recurrence: storage shrinks, compute does not.
-        dense = self.dense_flops(module, site)
-        if dense is None:
+        p = self._positions(module, site)
+        if p is None:
             return None
         mats = self._mats(module)
+        if choose_impl(module, ranks) == "lowrank":
+            # Every matrix is applied once per position (timestep x batch element).
+            return (
+                2
+                * p
+                * sum(
+                    w.numel() if ranks.get(n) is None else ranks[n] * sum(w.shape)
+                    for n, w in mats.items()
+                )
+            )
+        # "fused": each factorized matrix is rebuilt once per call (2 r m n FLOPs), then the
+        # dense recurrence runs: storage shrinks, compute does not.
+        dense = 2 * p * sum(w.numel() for w in mats.values())
         return dense + sum(2 * r * mats[n].numel() for n, r in ranks.items() if r is not None)
 
     def options(self, module: nn.Module, site: LayerSite) -> list[Option]:
@@ -107,6 +121,18 @@ class RNNSVD(Factorizer):
             ranks[best[0]] = best[1]
         return opts
 
+    def option_for(
+        self, module: nn.Module, site: LayerSite, ranks: dict[str, int | None]
+    ) -> Option:
+        """The option for an arbitrary dict rank (Rank-Tuning chooses each matrix's rank itself)."""
+        err = 0.0
+        for n, r in ranks.items():
+            if r is not None:
+                err += tail_energy(singular_values(getattr(module, n).detach()))[r].item()
+        return Option(
+            dict(ranks), self._params(module, ranks), self._flops(module, site, ranks), err
+        )
+
     def rank_for_keep(self, module: nn.Module, keep: float) -> Any:
         fits = [
             o
@@ -117,6 +143,17 @@ class RNNSVD(Factorizer):
 
     def apply(self, module: nn.Module, rank: Any) -> nn.Module:
         return LowRankRNN.from_dense(module, dict(rank))
+
+    def apply_site(
+        self, module: nn.Module, rank: Any, site: LayerSite
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        new = self.apply(module, rank)
+        why = "too small to gain: no rank r gives r(m+n) < mn"
+        extra: dict[str, Any] = {"impl": new.impl}
+        small = self.small_matrices(module)
+        if small:
+            extra["dense_matrices"] = {n: why for n in small}
+        return new, extra
 
     def empty(self, module: nn.Module, rank: Any) -> nn.Module:
         return LowRankRNN.empty_like(module, dict(rank))
