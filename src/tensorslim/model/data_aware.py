@@ -84,7 +84,21 @@ def nested_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 nested factors (A[:, :r] @ B[:r] is the method's rank-r answer) for r <= k.
 
-    fvd has no nested solution: its options use the FWSVD start (its solvers never end above it)."""
+    fvd has no nested solution: its options use the FWSVD start (its solvers never end above it).
+    With statistics `st`, the factors of the largest k asked so far are cached in `st.cache`."""
+    if st is not None:
+        if method == "fvd":
+            method = "fwsvd"
+        key = (method, tuple(w.shape), setting(settings, "eps"), setting(settings, "damp"))
+        hit = st.cache.get(key)
+        if hit is None or hit[0].shape[1] < k:
+            hit = _nested(method, w, st, k, settings)
+            st.cache[key] = hit
+        return hit[0][:, :k], hit[1][:k]
+    return _nested(method, w, st, k, settings)
+
+
+def _nested(method: str, w: torch.Tensor, st: Any, k: int, settings: LayerSite):
     w64 = w.detach().to(torch.float64)
     if method == "svd":
         u, s, vh = torch.linalg.svd(w64, full_matrices=False)
@@ -110,7 +124,8 @@ def objective_curve(
         c = truncation_curves(w, a, b, gram=st.gram)
         return c["feature"], float(c["feature_total"])
     if objective == "fisher":
-        c = truncation_curves(w, a, b, fisher=st.fisher)
+        # exact every K/48 ranks, interpolated between (the O(K m n) residual loop dominates)
+        c = truncation_curves(w, a, b, fisher=st.fisher, fisher_stride=max(1, a.shape[1] // 48))
         return 0.5 * c["fisher"], None
     raise TensorSlimError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
 
