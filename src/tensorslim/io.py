@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorslim.plan.apply import apply_plan
 from tensorslim.errors import ExampleInputError, TensorSlimError, WeightFileError
 from tensorslim.plan import Plan
+from tensorslim.plan.apply import apply_plan
 
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "model.safetensors"
