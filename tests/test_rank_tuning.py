@@ -127,3 +127,19 @@ def test_lower_is_better_and_bad_arguments():
         tensorslim.rank_tuning(model, fidelity, [-0.1])
     with pytest.raises(tensorslim.TensorSlimError):
         tensorslim.rank_tuning(model, fidelity, [0.1], search="linear")
+
+
+def test_joint_repair_makes_the_combined_model_meet_each_target():
+    model, _, metric = _setup()
+    plain = tensorslim.rank_tuning(model, metric, [0.02, 0.1])
+    joint = tensorslim.rank_tuning(model, metric, [0.02, 0.1], joint=True)
+    for t in (0.02, 0.1):
+        assert joint.metrics[t] >= 1.0 - t - 1e-9  # reference fidelity is 1.0
+        assert joint.joint_scale[t] >= 1.0
+        if plain.metrics[t] >= 1.0 - t:  # already met: nothing changes
+            assert joint.ranks[t] == plain.ranks[t]
+        else:  # repaired: no rank went down
+            for k, r in plain.ranks[t].items():
+                assert r is None or joint.ranks[t][k] is None or joint.ranks[t][k] >= r
+    assert any(plain.metrics[t] < 1.0 - t for t in (0.02, 0.1))  # the case the repair is for
+    assert joint.evaluations > plain.evaluations

@@ -16,6 +16,7 @@ reshaped to out x in*k*k) and each gate matrix of GRU/LSTM.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,8 @@ class RankTuningResult:
     metrics: dict[float, float] = field(default_factory=dict)
     evaluations: int = 0
     search: str = "bisect"
+    # joint=True: the factor every rank of a target was scaled by so the combined model meets it.
+    joint_scale: dict[float, float] = field(default_factory=dict)
 
     def threshold(self, target: float) -> float:
         """The metric value a truncation must reach for `target` (a tolerated relative loss)."""
@@ -104,6 +107,7 @@ def rank_tuning(
     exclude: Sequence[str] | None = None,
     evaluate: bool = True,
     progress: bool = False,
+    joint: bool = False,
 ) -> RankTuningResult:
     """Smallest rank per matrix meeting each target, and a Plan per target.
 
@@ -111,6 +115,12 @@ def rank_tuning(
     `higher_is_better` says its direction. targets are tolerated relative losses: 0.01 means the
     metric may fall 1 % below the uncompressed model's (or rise 1 % above it when lower is better).
     The input model is not modified.
+
+    joint: the paper's per-matrix search ignores that truncation errors of many matrices add up;
+    with joint=True each target's combined model is checked on the metric and, if it misses the
+    target, every chosen rank r becomes min(ceil(s * r), r_max) with the smallest scale s found by
+    bisection (monotone in s assumed) that meets it; if even every tuned matrix at r_max misses it,
+    the target's matrices stay dense. These metric calls are counted in `evaluations`.
     """
     if search not in ("bisect", "scan"):
         raise TensorSlimError(f"search must be 'bisect' or 'scan'; got {search!r}")
@@ -138,11 +148,13 @@ def rank_tuning(
         return value >= thresholds[t] if higher_is_better else value <= thresholds[t]
 
     mats = _matrices(work, include, exclude)
+    factors: dict[str, tuple] = {}
     ranks: dict[float, dict[str, int | None]] = {t: {} for t in targets}
     for tm, _ in track(mats, "Rank-Tuning", progress, total=len(mats)):
         param = getattr(get_submodule(work, tm.layer), tm.param)
         original = param.detach().clone()
         u, s, vh = svd(original.reshape(tm.shape[0], -1))
+        factors[tm.key] = (param, original, u, s, vh)
         cache: dict[int, float] = {}
 
         def value_at(r: int, param=param, original=original, u=u, s=s, vh=vh, cache=cache) -> float:
@@ -158,11 +170,17 @@ def rank_tuning(
 
         for t in targets:
             ranks[t][tm.key] = _search(value_at, lambda v, t=t: meets(v, t), tm.r_max, search)
+    scales: dict[float, float] = {}
+    if joint:
+        for t in targets:
+            ranks[t], scales[t] = _joint_repair(
+                factors, mats, ranks[t], lambda v, t=t: meets(v, t), run_metric
+            )
     work.train(was_training)
 
     plans = {t: _plan(model, mats, ranks[t], t) for t in targets}
     result = RankTuningResult(
-        reference, targets, higher_is_better, ranks, plans, {}, evaluations, search
+        reference, targets, higher_is_better, ranks, plans, {}, evaluations, search, scales
     )
     if evaluate:
         for t in targets:
@@ -190,6 +208,53 @@ def _search(value_at, ok, r_max: int, search: str) -> int | None:
         else:
             lo = mid
     return hi
+
+
+def _joint_repair(factors, mats, chosen, ok, run_metric) -> tuple[dict[str, int | None], float]:
+    """Scale the chosen ranks up until the model with all of them applied meets the target."""
+    r_max = {tm.key: tm.r_max for tm, _ in mats}
+    tuned = {k: r for k, r in chosen.items() if r is not None}
+    if not tuned:
+        return chosen, 1.0
+    cache: dict[tuple, bool] = {}
+
+    def ranks_at(scale: float) -> dict[str, int | None]:
+        out = dict(chosen)
+        for k, r in tuned.items():
+            out[k] = min(r_max[k], math.ceil(scale * r - 1e-9))
+        return out
+
+    def passes(scale: float) -> bool:
+        rk = ranks_at(scale)
+        key = tuple(sorted(rk.items(), key=lambda kv: kv[0]))
+        if key not in cache:
+            with torch.no_grad():
+                for k in tuned:
+                    param, original, u, s, vh = factors[k]
+                    param.copy_(
+                        ((u[:, : rk[k]] * s[: rk[k]]) @ vh[: rk[k]]).reshape(original.shape)
+                    )
+                try:
+                    cache[key] = ok(run_metric())
+                finally:
+                    for k in tuned:
+                        param, original = factors[k][:2]
+                        param.copy_(original)
+        return cache[key]
+
+    if passes(1.0):
+        return chosen, 1.0
+    hi = max(r_max[k] / r for k, r in tuned.items())
+    if not passes(hi):
+        return {k: None for k in chosen}, math.inf
+    lo = 1.0  # invariant: lo fails, hi passes; stop when the ranks no longer change
+    while ranks_at(lo) != ranks_at(hi) and hi - lo > 1e-3:
+        mid = (lo + hi) / 2
+        if passes(mid):
+            hi = mid
+        else:
+            lo = mid
+    return ranks_at(hi), hi
 
 
 def _plan(model: nn.Module, mats, chosen: dict[str, int | None], target: float) -> Plan:
