@@ -7,10 +7,12 @@ full (exact) ranks, scaled by the largest factor that fits; spatial SVD the larg
 r(in kh + out kw) <= keep * dense. Parameters include the bias, as for the dense layer.
 
 Options for the allocators. The error of an iterative or multi-rank decomposition is only known
-after computing it, so CP, Tucker-2 and TT are evaluated on a coarse grid of keeps (`GRID`, 20
-values from 0.02 to 0.9 that include 0.1, 0.25, 0.5 and 0.75; TT, being cheap, on `FINE_GRID`, steps
-of 0.025; kernels above `BIG_KERNEL` elements use `BIG_GRID`, 6 values, to bound CP's time). Ranks
-from a keep land just under it (see decompose.tensor._largest_rho). Spatial SVD is exact for every rank from its singular
+after computing it, so CP and TT are evaluated on a coarse grid of keeps (`GRID`, 12 values from
+0.02 to 0.9 that include 0.1, 0.25, 0.5 and 0.75; kernels above `BIG_KERNEL` elements use `BIG_GRID`,
+6 values, to bound CP's time). Tucker-2 lists the same grid with the HOSVD error of each rank pair,
+computed from one SVD per channel unfolding (an upper bound of the HOOI error the applied layer
+gets; the plan records the applied error). Ranks from a keep land just under it (see
+decompose.tensor._largest_rho). Spatial SVD is exact for every rank from its singular
 values, so it lists every useful rank. Decompositions are cached (by kernel content, method, rank
 and settings; `CACHE_SIZE` entries) so applying the chosen option does not recompute it.
 
@@ -52,11 +54,7 @@ from tensorslim.layers.tensor_conv import (
 )
 from tensorslim.model.registry import Factorizer, LayerSite, Option, find
 
-GRID = (
-    0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25,
-    0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9,
-)  # fmt: skip
-FINE_GRID = tuple(round(0.025 * i, 3) for i in range(1, 39))  # 0.025 ... 0.95
+GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9)
 BIG_GRID = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
 BIG_KERNEL = 1_000_000
 CACHE_SIZE = 256
@@ -242,6 +240,31 @@ class ConvTucker2(TensorConvFactorizer):
     def _params(self, shape, rank):
         return tucker2_params(shape, tuple(rank))
 
+    def options(self, module: nn.Module, site: LayerSite) -> list[Option]:
+        """HOSVD errors of every grid rank from one SVD per channel unfolding: with orthonormal
+        U_out, U_in the HOSVD error is ||K||^2 - ||K x_0 U_out^T x_1 U_in^T||^2."""
+        w = module.weight.detach().to(torch.float64)
+        u_out = torch.linalg.svd(w.reshape(w.shape[0], -1), full_matrices=False)[0]
+        u_in = torch.linalg.svd(w.transpose(0, 1).reshape(w.shape[1], -1), full_matrices=False)[0]
+        total = float((w**2).sum()) or 1.0
+        # projections onto all leading vectors at once; prefix sums give every rank pair
+        proj = torch.einsum("oi...,oa,ib->ab...", w, u_out, u_in)
+        energy = (proj**2).reshape(proj.shape[0], proj.shape[1], -1).sum(-1)
+        cum = energy.cumsum(0).cumsum(1)
+        out = []
+        for r in self._ranks(module):
+            r_out, r_in = r
+            kept = float(cum[r_out - 1, r_in - 1])
+            out.append(
+                Option(
+                    r,
+                    self.params(module, r),
+                    self.flops(module, r, site),
+                    max(0.0, 1 - kept / total),
+                )
+            )
+        return out
+
     def _rank_for_keep_shape(self, shape, keep, extra):
         return tucker2_ranks_for_keep(shape, keep, extra)
 
@@ -250,7 +273,6 @@ class ConvTT(TensorConvFactorizer):
     """Tensor-train by TT-SVD; ranks (r1, r2, r3) for Conv2d, (r1, r2) for Conv1d."""
 
     layer_cls = TTConv
-    grid = FINE_GRID  # TT-SVD is a few SVDs: cheap enough for a finer grid
 
     def _params(self, shape, rank):
         return tt_params(shape, tuple(rank))
