@@ -116,6 +116,9 @@ chosen rank up until the combined model meets the target on validation; the eval
 the metric calls of its bisection, next to the count a scan of every rank would need. Ratios are of
 the GRU's weight matrices (biases kept, not counted); the model's Linear head is not compressed.
 
+"vs own dense %" is the loss against each training's own dense model instead (the compression's
+damage alone, without what the adaptations cost in training).
+
 Goal (paper): >= {GOAL_RATIO:g}x at <= 1.4 % relative loss. Reached here: {f["reached"]:.2f}x
 ({f["picked"]}). Storage vs compute of that model: {f["savings"]}. The fused implementation saves
 storage only (it rebuilds the dense matrices once per call, then runs PyTorch's fused kernel); the
