@@ -98,7 +98,7 @@ def test_auto_options_dominate_every_method():
     """Every option of every method is matched or beaten (cost and error) by an auto option."""
     torch.manual_seed(0)
     conv = nn.Conv2d(12, 20, 3, padding=1)
-    site = LayerSite("x", (1, 12, 8, 8), (1, 20, 8, 8))
+    site = LayerSite("x", None, (1, 20, 8, 8))  # no input shape: no latency guard
     auto = find(conv, "auto").options(conv, site)
     errors = [o.error for o in auto]
     assert errors == sorted(errors, reverse=True)
@@ -110,10 +110,11 @@ def test_auto_options_dominate_every_method():
 
 def test_auto_is_at_least_as_good_as_each_method_per_layer():
     torch.manual_seed(0)
-    net, x = OddCNN().eval(), torch.randn(2, 3, 17, 15)
-    _, auto = compress(net, 0.3, method="auto", allocator="uniform", example_input=x)
+    net = OddCNN().eval()
+    # no example input: auto's latency guard (which may trade error for speed) stays off
+    _, auto = compress(net, 0.3, method="auto", allocator="uniform")
     for method in ("cp", "tucker2", "tt", "spatial_svd", "svd"):
-        _, other = compress(net, 0.3, method=method, allocator="uniform", example_input=x)
+        _, other = compress(net, 0.3, method=method, allocator="uniform")
         for name in ("b", "d"):
             a, o = auto.layer(name), other.layer(name)
             if o.factorized and o.params_after <= a.params_after:

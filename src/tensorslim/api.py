@@ -18,6 +18,7 @@ from tensorslim.errors import TensorSlimError, check_keep
 from tensorslim.model import (
     LayerInfo,
     count_params,
+    find,
     find_layers,
     get_submodule,
     registered_methods,
@@ -26,10 +27,12 @@ from tensorslim.model import (
     trace_sites,
     with_objective,
 )
+from tensorslim.model.latency_cost import flag_latency, latency_options
+from tensorslim.model.tensor_factorizers import TENSOR_METHODS
 from tensorslim.plan import ALLOCATORS, DENSE, Candidate, LayerPlan, Plan
 from tensorslim.plan.apply import apply_plan  # noqa: F401  (public API, re-exported)
 
-COSTS = ("params", "flops")
+COSTS = ("params", "flops", "latency")
 
 
 def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
@@ -96,8 +99,11 @@ def compress(
     _check_choice("method", method, registered_methods())
     _check_choice("allocator", allocator, list(ALLOCATORS))
     batches, example_input = _calibration.peek(calibration, example_input)
-    if cost == "flops" and example_input is None:
-        raise TensorSlimError("cost='flops' needs example_input to measure the FLOPs of each layer")
+    if cost in ("flops", "latency") and example_input is None:
+        what = "FLOPs" if cost == "flops" else "CPU latency"
+        raise TensorSlimError(
+            f"cost={cost!r} needs example_input to measure the {what} of each layer"
+        )
 
     layers = find_layers(model, method, include, exclude)
     if example_input is not None:
@@ -124,6 +130,8 @@ def compress(
         )
         dense = info.params() if cost == "params" else info.flops()
         costs = [o.params if cost == "params" else o.flops for o in opts]
+        if cost == "latency":  # measured milliseconds on the layer's input (model/latency_cost.py)
+            opts, costs, dense = latency_options(info.factorizer, info.module, info.site, opts)
         candidates.append(Candidate(info.name, dense, costs, [o.error for o in opts]))
         options.append(opts)
 
@@ -168,6 +176,8 @@ def compress(
                     lp.reason = info.note
                 lp.extra["keep"] = round(opt.params / lp.params_before, 6)
                 lp.extra["compression"] = round(1 - opt.params / lp.params_before, 6)
+                if info.site.input_shape and (cost == "latency" or method in TENSOR_METHODS):
+                    _flag_latency(info, lp)
                 lp.rel_error = relative_error(
                     info.factorizer.weight(info.module), info.factorizer.reconstructed_weight(new)
                 )
@@ -178,6 +188,9 @@ def compress(
     key_after = "params_after" if cost == "params" else "flops_after"
     before = sum(getattr(lp, key_before) for lp in base)
     after = sum(getattr(lp, key_after) for lp in base)
+    if cost == "latency":  # measured milliseconds of the compressible layers
+        before = sum(c.dense_cost for c in candidates)
+        after = sum(c.cost(i) for c, i in zip(candidates, selection))
     flops_known = example_input is not None
     plan = Plan(
         layers=plans,
@@ -212,6 +225,22 @@ def compress(
         finally:
             compressed.train(was_training)
     return compressed, plan
+
+
+def _flag_latency(info: LayerInfo, lp: LayerPlan) -> None:
+    """Record the factorized and dense layer's measured CPU latency on the layer's input; flag a
+    factorization that is not faster than its dense layer."""
+    factorizer = find(info.module, lp.method)
+    if factorizer is None:
+        return
+    facts = flag_latency(factorizer, info.module, lp.rank, info.site)
+    lp.extra.update(facts)
+    if facts.get("slower_than_dense"):
+        note = (
+            f"measured slower than dense ({facts['latency_ms']:.3g} vs "
+            f"{facts['dense_latency_ms']:.3g} ms)"
+        )
+        lp.reason = f"{lp.reason}; {note}" if lp.reason else note
 
 
 def _plan_method(info: LayerInfo, opt: Any, method: str) -> tuple[str, Any]:

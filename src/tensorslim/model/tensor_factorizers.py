@@ -22,6 +22,7 @@ Conv1d "spatial_svd" (one spatial axis) is the matrix SVD too. The plan records 
 
 from __future__ import annotations
 
+import bisect
 import copy
 import hashlib
 import math
@@ -312,16 +313,22 @@ class ConvSpatialSVD(TensorConvFactorizer):
 
 
 AUTO_METHODS = ("svd", "cp", "tucker2", "tt", "spatial_svd")
+LATENCY_SWAP_SLACK = 0.1
 
 
 class ConvAuto(Factorizer):
     """Per layer, the candidate of the methods in AUTO_METHODS with the lowest relative squared
     weight error at each cost: the options are the Pareto front (cost, error) of all methods'
     options, each tagged with its method (Option.method; the option's rank is (method, rank)).
-    Where two methods tie, the earlier one in AUTO_METHODS wins."""
+    Where two methods tie, the earlier one in AUTO_METHODS wins. When the layer's input shape is
+    known, options measured slower than the dense layer are avoided (`latency_guard`, see
+    `_faster_than_dense`)."""
 
-    def __init__(self, methods: tuple[str, ...] = AUTO_METHODS) -> None:
+    def __init__(self, methods: tuple[str, ...] = AUTO_METHODS, latency_guard: bool = True) -> None:
         self.methods = methods
+        # With the layer's input shape known (compress with example_input), drop options that
+        # measure slower than the dense layer (model/latency_cost.py).
+        self.latency_guard = latency_guard
 
     def _members(self, module: nn.Module) -> list[Factorizer]:
         seen, out = set(), []
@@ -362,6 +369,8 @@ class ConvAuto(Factorizer):
                 replace(o, rank=(f.method, o.rank), method=f.method)
                 for o in f.options(module, site)
             ]
+        if site.input_shape is not None and self.latency_guard:
+            pooled = self._faster_than_dense(module, site, pooled)
         pooled.sort(key=lambda o: (o.params, o.error))
         front, best = [], math.inf
         for o in pooled:
@@ -369,6 +378,39 @@ class ConvAuto(Factorizer):
                 front.append(o)
                 best = o.error
         return front
+
+    def _faster_than_dense(self, module: nn.Module, site: LayerSite, pooled: list[Option]):
+        """Avoid options that measure no faster than the dense layer on the site's input shape:
+        each is dropped where an option that is faster costs between (1 - LATENCY_SWAP_SLACK) and
+        1 times its parameters; otherwise it stays, so every budget can still be met (the plan
+        then flags it).
+        Per method, latency is taken to grow with its rank, so a binary search over its options
+        (a handful of timings, cached) finds the largest one still faster."""
+        from tensorslim.model.latency_cost import dense_latency, factorized_latency
+
+        dense = dense_latency(module, site.input_shape)
+        fast, slow = [], []
+        for method in dict.fromkeys(o.method for o in pooled):
+            mine = sorted((o for o in pooled if o.method == method), key=lambda o: o.params)
+            f = find(module, method)
+            lo, hi = 0, len(mine)  # mine[:lo] faster; mine[hi:] not
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if factorized_latency(f, module, mine[mid].rank[1], site.input_shape) < dense:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            fast += mine[:lo]
+            slow += mine[lo:]
+        # a slow option is dropped where a fast one costs at most as much and at least
+        # (1 - LATENCY_SWAP_SLACK) as much, so the budgets the allocators can meet barely change
+        lows = sorted(o.params for o in fast)
+
+        def replaceable(o: Option) -> bool:
+            i = bisect.bisect_right(lows, o.params)
+            return i > 0 and lows[i - 1] >= (1 - LATENCY_SWAP_SLACK) * o.params
+
+        return fast + [o for o in slow if not replaceable(o)]
 
     def rank_for_keep(self, module: nn.Module, keep: float) -> Any:
         """(method, rank) of the lowest-error option within keep * dense parameters."""
