@@ -15,6 +15,17 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out `fig`, write it as PNG to `path` (creating the folder) and close it."""
+    plt = _pyplot()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy_vs_keep(
     series: Mapping[str, Sequence[tuple[float, float]]],
     path: str | Path,
@@ -35,12 +46,7 @@ def plot_accuracy_vs_keep(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_spectra(spectra: Mapping[str, Sequence[float]], path: str | Path) -> Path:
@@ -56,9 +62,4 @@ def plot_spectra(spectra: Mapping[str, Sequence[float]], path: str | Path) -> Pa
     ax.grid(alpha=0.3)
     if len(spectra) <= 12:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -5,15 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tensorslim.report.plots import _pyplot, save_figure
+
 
 def plot_truncation(study: Any, path: str | Path, title: str = "Truncation along cuts") -> Path:
     """Left: accuracy vs norm loss 1 - ||K~||/||K||, one colour per layer ("all" in black), one
     marker per cut. Right (if the study has a recovery curve): accuracy per retraining epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     has_recovery = bool(study.recovery)
     fig, axes = plt.subplots(1, 2 if has_recovery else 1, figsize=(11 if has_recovery else 7, 4.5))
     ax = axes[0] if has_recovery else axes
@@ -55,9 +53,4 @@ def plot_truncation(study: Any, path: str | Path, title: str = "Truncation along
         rx.set_title(f"Recovery: all layers, {rec[0]['cut']} {rec[0]['level']}")
         rx.grid(alpha=0.3)
         rx.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
