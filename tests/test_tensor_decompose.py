@@ -80,6 +80,32 @@ def test_cp_stays_finite_at_the_largest_useful_rank():
     assert math.isfinite(dec.rel_error) and dec.rel_error < 0.5
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.sampled_from([(6, 5, 3, 3), (4, 7, 2), (9, 3, 1, 5)]),
+    rank=st.integers(1, 6),
+    seed=st.integers(0, 10_000),
+    log_scales=st.lists(st.floats(-6, 6), min_size=4, max_size=4),
+)
+def test_balance_cp_keeps_the_tensor_and_equalises_entry_rms(shape, rank, seed, log_scales):
+    g = torch.Generator().manual_seed(seed)
+    factors = [
+        torch.randn(n, rank, generator=g, dtype=torch.float64) * 10.0**s
+        for n, s in zip(shape, log_scales)
+    ]
+    balanced = T.balance_cp(factors)
+    ref = T.cp_reconstruct(factors)
+    assert torch.allclose(T.cp_reconstruct(balanced), ref, rtol=1e-9, atol=1e-12 * ref.abs().max())
+    rms = torch.stack([f.pow(2).mean(dim=0).sqrt() for f in balanced])
+    assert torch.allclose(rms, rms[:1].expand_as(rms), rtol=1e-9)
+
+
+def test_cp_factors_come_out_balanced():
+    dec = T.cp(kernel((16, 8, 3, 3)) * 0.01, 6, n_iter_max=20)
+    rms = torch.stack([f.pow(2).mean(dim=0).sqrt() for f in dec.factors])
+    assert torch.allclose(rms, rms[:1].expand_as(rms), rtol=1e-4)
+
+
 def test_hooi_is_no_worse_than_hosvd():
     k = kernel((16, 12, 3, 3))
     hosvd = T.tucker2(k, (5, 4), algorithm="hosvd")
