@@ -103,3 +103,21 @@ def test_nuclear_regularization_lowers_the_nuclear_norm_and_hard_steps_cap_rank(
     for w in lowrank_matrices(hard_model).values():  # the last epoch (6) ended with a hard step
         assert torch.linalg.matrix_rank(w.detach(), rtol=1e-5) <= 2
     assert all(r["loss"] == r["loss"] for r in hard_hist)  # finite, training still runs
+
+
+def test_fit_calls_on_epoch_after_every_epoch_and_keeps_training_mode():
+    from tensorslim.train import fit
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    seen = []
+
+    def record(epoch, m):
+        seen.append((epoch, m.training))
+        m.eval()  # the callback may evaluate; fit must resume training mode
+
+    losses = fit(model, x, y, epochs=3, lr=1e-2, on_epoch=record)
+    assert [e for e, _ in seen] == [1, 2, 3] and all(t for _, t in seen)
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert not model.training

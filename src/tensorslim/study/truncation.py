@@ -165,8 +165,10 @@ def truncation_study(
             raise ValueError("retraining needs x_train and y_train")
         r, net = worst
         recovery.append({"epoch": 0, "cut": r.cut, "level": r.level, "accuracy": r.accuracy})
-        for epoch in range(1, retrain_epochs + 1):
-            fit(net, x_train, y_train, epochs=1, lr=retrain_lr, seed=seed + epoch)
-            acc = accuracy(net, x_test, y_test)
+
+        def record(epoch: int, m: nn.Module) -> None:
+            acc = accuracy(m, x_test, y_test)
             recovery.append({"epoch": epoch, "cut": r.cut, "level": r.level, "accuracy": acc})
+
+        fit(net, x_train, y_train, epochs=retrain_epochs, lr=retrain_lr, seed=seed, on_epoch=record)
     return TruncationStudy(dense, rows, recovery)

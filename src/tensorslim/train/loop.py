@@ -23,10 +23,13 @@ def fit(
     weight_decay: float = 0.0,
     progress: bool = False,
     description: str = "Training",
+    on_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> list[float]:
     """Train `model` in place on (x, y) for `epochs` with Adam; returns the mean loss per epoch.
 
-    Shuffling uses its own generator seeded by `seed`, so runs are reproducible.
+    Shuffling uses its own generator seeded by `seed`, so runs are reproducible. `on_epoch(epoch,
+    model)` (epoch counted from 1) is called after each epoch, e.g. to record a recovery curve; the
+    model is back in training mode afterwards.
     """
     loss_fn = loss_fn or nn.functional.cross_entropy
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -45,6 +48,9 @@ def fit(
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         history.append(total / max(1, count))
+        if on_epoch is not None:
+            on_epoch(len(history), model)
+            model.train()
     model.eval()
     return history
 
