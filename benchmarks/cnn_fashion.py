@@ -244,11 +244,10 @@ def main() -> None:
             y_train=rt[1],
             seed=SEED,
         )
-        # "|" separates the two index groups of a cut; escaped so Markdown tables keep their cells
         trunc["rows"] = [
             {
                 "layer": r.layer,
-                "cut": r.cut.replace("|", "\\|"),
+                "cut": r.cut,
                 "level": r.level,
                 "bond": r.bond,
                 "norm loss 1-‖K~‖/‖K‖": round(r.norm_loss, 4),
@@ -258,10 +257,7 @@ def main() -> None:
             }
             for r in study.rows
         ]
-        trunc["recovery"] = [
-            {k: (v.replace("|", "\\|") if isinstance(v, str) else v) for k, v in row.items()}
-            for row in study.recovery
-        ]
+        trunc["recovery"] = study.recovery
         trunc["dense"] = study.dense_accuracy
         trunc["plot"] = plot_truncation(
             study, RESULTS / f"{name}_truncation.png", title="cnn4-fashion"

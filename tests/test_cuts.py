@@ -138,3 +138,12 @@ def test_cli_truncate_refuses_unknown_model_and_bad_retain(tmp_path):
         app, ["truncate", "digits-cnn", "--retain", "1.5", "--out", str(tmp_path)]
     )
     assert r.exit_code == 2
+
+
+def test_markdown_table_escapes_cut_names():
+    from tensorslim.report.tables import markdown_table
+
+    text = markdown_table([{"cut": "out|in,kh,kw", "norm loss": 0.25}])
+    header, rule, row = text.strip().splitlines()
+    assert row == "| out\\|in,kh,kw | 0.25 |"
+    assert row.replace("\\|", "").count("|") == header.count("|") == 3

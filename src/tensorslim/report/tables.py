@@ -21,14 +21,22 @@ def rich_table(rows: Sequence[dict[str, Any]], title: str | None = None):
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A GitHub-flavoured Markdown table with one column per key of the first row."""
+    """A GitHub-flavoured Markdown table with one column per key of the first row. A "|" inside a
+    cell (e.g. a cut name "out|in,kh,kw") is escaped so it does not split the cell."""
     if not rows:
         return "(no rows)\n"
     keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
+    lines = [
+        "| " + " | ".join(_cell(k) for k in keys) + " |",
+        "|" + "|".join("---" for _ in keys) + "|",
+    ]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |")
+        lines.append("| " + " | ".join(_cell(_fmt(row.get(k))) for k in keys) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def _fmt(v: Any) -> str:
