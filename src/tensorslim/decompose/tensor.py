@@ -248,8 +248,9 @@ def cp(
     """CP-ALS (TensorLy `parafac`, torch backend, einsum MTTKRP) of a kernel at `rank`.
 
     Returns factors [A (out, R), B (in, R), C (kh, R), (D (kw, R))] with the CP weights spread by
-    `balance_cp` (every factor's entries of component r have the same root-mean-square). `init` "random" follows Schuurmans et al. (random uniform, seeded by `seed`); "svd" uses
-    the leading singular vectors of each unfolding. Stops after `n_iter_max` sweeps or when the
+    `balance_cp` (every factor's entries of component r have the same root-mean-square). `init`
+    "random" follows Schuurmans et al. (random uniform, seeded by `seed`); "svd" uses the leading
+    singular vectors of each unfolding. Stops after `n_iter_max` sweeps or when the
     relative error changes by less than `tol` between sweeps.
 
     The kernel is scaled to unit norm for ALS and a ridge `ridge * I` is added to each normal
@@ -301,10 +302,9 @@ def balance_cp(factors: list[torch.Tensor]) -> list[torch.Tensor]:
     """
     f64 = [f.to(torch.float64) for f in factors]
     rms = torch.stack([f.pow(2).mean(dim=0).sqrt() for f in f64])  # (N, R)
-    if (rms == 0).any(dim=0).any():  # a zero component: leave it (its product is 0 anyway)
-        keep = (rms > 0).all(dim=0)
-    else:
-        keep = torch.ones(rms.shape[1], dtype=torch.bool)
+    keep = (rms > 0).all(
+        dim=0
+    )  # a component with a zero factor is left as it is (its product is 0)
     safe = torch.where(rms > 0, rms, torch.ones_like(rms))
     target = safe.log().mean(dim=0).exp()  # geometric mean: the product of the scales is 1
     scale = torch.where(keep[None, :], target[None, :] / safe, torch.ones_like(safe))
