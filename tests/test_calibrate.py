@@ -139,7 +139,7 @@ def test_calibration_refusals():
     model = _mlp()
     with pytest.raises(TensorSlimError, match="empty"):
         calibrate(model, {"0": model[0]}, [])
-    with pytest.raises(ExampleInputError, match="calibration batch 1"):
+    with pytest.raises(ExampleInputError, match="calibration batch 0 \\(counting from 0\\)"):
         calibrate(model, {"0": model[0]}, [torch.randn(2, 5)])
     with pytest.raises(TensorSlimError, match="scalar"):
         calibrate(model, {"0": model[0]}, [torch.randn(2, 6)], loss=lambda m, b: m(b))

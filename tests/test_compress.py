@@ -13,6 +13,7 @@ from tensorslim.errors import (
     InvalidKeepError,
     NonFiniteWeightError,
     TensorSlimError,
+    UnsupportedLayerError,
 )
 from tensorslim.layers import LowRankConv, LowRankLinear, LowRankRNN
 from tensorslim.layers.attention import RoutedMultiheadAttention
@@ -148,6 +149,10 @@ def test_compress_again_skips_factorized_layers():
     small, _ = tensorslim.compress(model, 0.5, example_input=x)
     _, plan2 = tensorslim.compress(small, 0.5, example_input=x)
     assert all(lp.reason == "already factorized" for lp in plan2.layers if not lp.compressible)
+    # with every layer factorized there is nothing left to compress: a clear error, not a no-op
+    smaller, _ = tensorslim.compress(small, 0.1, example_input=x)
+    with pytest.raises(UnsupportedLayerError, match="nothing to compress.*already factorized"):
+        tensorslim.compress(smaller, 0.5, example_input=x)
 
 
 def test_apply_plan_reproduces_compress():
@@ -263,8 +268,8 @@ def test_custom_layer_type_is_added_by_registering():
             return 2.0 * x
 
     model = nn.Sequential(ScaledLinear(64, 64), nn.ReLU(), ScaledLinear(64, 8))
-    _, plan = tensorslim.compress(model, 0.5)
-    assert plan.layer("0").reason == "no factorizer registered for ScaledLinear"
+    with pytest.raises(UnsupportedLayerError, match="no factorizer registered for ScaledLinear"):
+        tensorslim.compress(model, 0.5)
     tensorslim.register(ScaledLinear, "svd", ScaledLinearSVD())
     try:
         x = torch.randn(3, 64)

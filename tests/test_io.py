@@ -26,6 +26,7 @@ def test_save_load_reproduces_outputs_exactly(tmp_path, name):
     factory, _, small, plan, x = _compressed(name)
     tensorslim.save(small, plan, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        ".tensorslim",  # the marker that lets a later save replace this folder
         "model.safetensors",
         "plan.json",
     ]
@@ -51,8 +52,7 @@ def test_save_replaces_previous_output_and_refuses_foreign_folders(tmp_path):
 
 def test_failed_write_leaves_previous_output_intact(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "plan.json").write_text("old")
+    atomic_write_dir(out, lambda tmp: (tmp / "plan.json").write_text("old"))
 
     def broken(tmp):
         (tmp / "plan.json").write_text("new")

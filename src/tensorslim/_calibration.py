@@ -3,9 +3,10 @@ layer's statistics and the data-aware settings to its LayerSite (used by api.com
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -14,24 +15,69 @@ from torch import nn
 from tensorslim.calibrate import calibrate
 from tensorslim.errors import TensorSlimError
 from tensorslim.model import LayerInfo
-from tensorslim.model.data_aware import DEFAULT_OBJECTIVE, DEFAULTS, OBJECTIVE_NEEDS, OBJECTIVES
+from tensorslim.model.data_aware import (
+    DEFAULT_OBJECTIVE,
+    OBJECTIVE_NEEDS,
+    OBJECTIVES,
+    check_method_options,
+)
+
+_ITERABLE = "an iterable of batches (e.g. a list or a DataLoader of model inputs)"
 
 
 def peek(calibration: Iterable[Any] | None, example_input: Any) -> tuple[Any, Any]:
     """(batches, example_input): the first calibration batch serves as example input if none."""
     if calibration is None:
         return None, example_input
-    if isinstance(calibration, (torch.Tensor, dict)):
+    if isinstance(calibration, (torch.Tensor, Mapping, str, bytes)):
         raise TensorSlimError(
-            "calibration must be an iterable of batches (e.g. a list or a DataLoader of model "
-            f"inputs), not a single {type(calibration).__name__}; wrap it in a list"
+            f"calibration must be {_ITERABLE}, not a single {type(calibration).__name__}; "
+            "wrap it in a list"
         )
-    it = iter(calibration)
+    try:
+        it = iter(calibration)
+    except TypeError:
+        raise TensorSlimError(
+            f"calibration must be {_ITERABLE}; got {type(calibration).__name__} {calibration!r:.60}"
+        ) from None
     try:
         first = next(it)
     except StopIteration:
         raise TensorSlimError("calibration data is empty: give at least one batch") from None
+    except TensorSlimError:
+        raise
+    except Exception as exc:
+        raise TensorSlimError(
+            f"reading calibration batch 0 raised {type(exc).__name__}: {exc}"
+        ) from exc
     return itertools.chain([first], it), first if example_input is None else example_input
+
+
+def check_objective(objective: Any) -> str | None:
+    """`objective` if None or one of OBJECTIVES, else TensorSlimError saying what is accepted."""
+    if objective is None or (isinstance(objective, str) and objective in OBJECTIVES):
+        return objective
+    raise TensorSlimError(
+        f"objective must be one of {', '.join(map(repr, OBJECTIVES))} (or None for the method's "
+        f"default); got {objective!r} ({type(objective).__name__})"
+    )
+
+
+@contextlib.contextmanager
+def _model_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's train/eval mode and every buffer afterwards, even on error: a
+    loss may switch the model to training mode and so update BatchNorm running statistics."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad():
+            for b, saved in buffers:
+                if not torch.equal(b, saved) and b.shape == saved.shape:
+                    b.copy_(saved)
 
 
 def attach(
@@ -47,14 +93,11 @@ def attach(
 ) -> dict[str, Any]:
     """Validate the data-aware choices, calibrate, and set `site.stats` / `site.settings` of every
     compressible layer. Returns facts for the plan's meta (empty when nothing data-aware happens)."""
-    if objective is not None and objective not in OBJECTIVES:
+    objective = check_objective(objective)
+    options = check_method_options(method_options)
+    if loss is not None and not callable(loss):
         raise TensorSlimError(
-            f"objective must be one of {', '.join(map(repr, OBJECTIVES))}; got {objective!r}"
-        )
-    unknown = set(method_options or {}) - (set(DEFAULTS) - {"objective"})
-    if unknown:
-        raise TensorSlimError(
-            f"unknown method_options {sorted(unknown)}; known: {sorted(set(DEFAULTS) - {'objective'})}"
+            f"loss must be a function loss(model, batch) -> scalar tensor; got {type(loss).__name__}"
         )
     compressible = [info for info in layers if info.compressible]
     obj = objective or DEFAULT_OBJECTIVE.get(method, "weight")
@@ -76,10 +119,9 @@ def attach(
         return {}
     if not needs:  # nothing data-aware to compute: the calibration data is not needed
         return {"objective": obj}
-    settings = {**(method_options or {}), "objective": obj}
-    was_training = model.training
-    model.eval()  # statistics of the inputs as the model is used, like the shape trace
-    try:
+    settings = {**options, "objective": obj}
+    with _model_kept(model):
+        model.eval()  # statistics of the inputs as the model is used, like the shape trace
         stats = calibrate(
             model,
             {info.name: info.module for info in compressible},
@@ -88,8 +130,6 @@ def attach(
             gram="gram" in needs,
             progress=progress,
         )
-    finally:
-        model.train(was_training)
     rows = 0
     for info in compressible:
         st = stats[info.name]
@@ -110,5 +150,5 @@ def attach(
             "loss_batches": batches_seen,
             "input_rows_max": rows,
         },
-        "method_options": dict(method_options or {}),
+        "method_options": options,
     }

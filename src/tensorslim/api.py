@@ -14,7 +14,12 @@ from torch import nn
 from tensorslim import __version__, _calibration
 from tensorslim._progress import track
 from tensorslim.decompose import relative_error, singular_values, tail_energy
-from tensorslim.errors import TensorSlimError, check_keep
+from tensorslim.errors import (
+    ExampleInputError,
+    TensorSlimError,
+    UnsupportedLayerError,
+    check_keep,
+)
 from tensorslim.model import (
     LayerInfo,
     count_params,
@@ -22,21 +27,25 @@ from tensorslim.model import (
     find_layers,
     get_submodule,
     registered_methods,
+    replace_at,
     run_model,
-    set_submodule,
     trace_sites,
     with_objective,
 )
+from tensorslim.model.data_aware import check_method_options
 from tensorslim.model.latency_cost import flag_latency, latency_options
 from tensorslim.model.tensor_factorizers import TENSOR_METHODS
 from tensorslim.plan import ALLOCATORS, DENSE, Candidate, LayerPlan, Plan
 from tensorslim.plan.apply import apply_plan  # noqa: F401  (public API, re-exported)
+from tensorslim.plan.plan import label
 
 COSTS = ("params", "flops", "latency")
+# How many layers the "nothing to compress" error lists before "and N more".
+_SHOWN_LAYERS = 8
 
 
 def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise TensorSlimError(
             f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}"
         )
@@ -50,6 +59,53 @@ def _eval_mode_trace(model: nn.Module, layers: list[LayerInfo], example_input: A
         trace_sites(model, layers, example_input)
     finally:
         model.train(was_training)
+
+
+def _tensors(x: Any, depth: int = 0) -> list[torch.Tensor]:
+    """The tensors in an example input (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if depth > 8:
+        return []
+    items = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()
+    return [t for item in items for t in _tensors(item, depth + 1)]
+
+
+def _check_example_input(example_input: Any) -> None:
+    """ExampleInputError for an input with an empty tensor (a batch of size 0 measures nothing)."""
+    for t in _tensors(example_input):
+        if t.numel() == 0:
+            raise ExampleInputError(
+                f"the example input holds a tensor of shape {tuple(t.shape)} with no elements "
+                "(a batch of size 0?); give at least one sample"
+            )
+
+
+def _require_compressible(
+    model: nn.Module,
+    layers: list[LayerInfo],
+    method: str,
+    include: Any,
+    exclude: Any,
+) -> None:
+    """UnsupportedLayerError listing why, when no layer can be factorized."""
+    if any(info.compressible for info in layers):
+        return
+    if not layers:
+        raise UnsupportedLayerError(
+            f"nothing to compress: {type(model).__name__} has no layer with a weight matrix "
+            "(Linear, Conv, RNN, attention, ...)"
+        )
+    candidates = [i for i in layers if i.factorizer is not None]
+    if candidates and not any(i.selected for i in candidates):
+        given = [f"{k}={v!r}" for k, v in (("include", include), ("exclude", exclude)) if v]
+        head = f"no layer matches {' and '.join(given)}"
+    else:
+        head = f"no layer can be factorized with method {method!r}"
+    shown = [f"{label(i.name)} ({i.type_name}): {i.reason}" for i in layers[:_SHOWN_LAYERS]]
+    if len(layers) > _SHOWN_LAYERS:
+        shown.append(f"and {len(layers) - _SHOWN_LAYERS} more")
+    raise UnsupportedLayerError(f"nothing to compress: {head}; " + "; ".join(shown))
 
 
 def _input_shape(example_input: Any) -> Any:
@@ -92,13 +148,24 @@ def compress(
     fwsvd/fvd: fisher, whitened: feature). method_options: e.g. {"solver": "als", "iters": 30} for
     fvd, {"damp": 1e-6} for whitened (tensorslim.model.data_aware.DEFAULTS lists them).
 
-    Returns a new model (the input is never modified) and the Plan that was applied.
+    A module used at several places is factorized once and stays shared; a layer whose weight
+    is tied to a module that stays dense (a language model's head tied to its embedding) stays
+    dense. A model that is itself one layer (`nn.Linear(64, 64)`) is factorized as a whole: the
+    returned model is then the replacement, and the plan names the layer "" ("(model)").
+
+    Returns a new model (the input is never modified) and the Plan that was applied. Raises
+    UnsupportedLayerError, listing each layer's reason, when no layer can be factorized (also
+    with keep=1.0: there is nothing to compress).
     """
     keep = check_keep(keep)
     _check_choice("cost", cost, COSTS)
     _check_choice("method", method, registered_methods())
     _check_choice("allocator", allocator, list(ALLOCATORS))
+    _calibration.check_objective(objective)
+    check_method_options(method_options)  # before any batch is read or the model is run
+    example_given = example_input is not None
     batches, example_input = _calibration.peek(calibration, example_input)
+    _check_example_input(example_input)
     if cost in ("flops", "latency") and example_input is None:
         what = "FLOPs" if cost == "flops" else "CPU latency"
         raise TensorSlimError(
@@ -106,11 +173,21 @@ def compress(
         )
 
     layers = find_layers(model, method, include, exclude)
+    _require_compressible(model, layers, method, include, exclude)
     if example_input is not None:
-        _eval_mode_trace(model, layers, example_input)
+        try:
+            _eval_mode_trace(model, layers, example_input)
+        except ExampleInputError as exc:
+            if example_given:
+                raise
+            raise ExampleInputError(
+                f"the model rejected calibration batch 0 (counting from 0), used as the example "
+                f"input: {exc}"
+            ) from exc
         for info in layers:
             if info.compressible and info.site.output_shape is None:
                 info.reason = "not executed on the example input"
+        _require_compressible(model, layers, method, include, exclude)
     data_meta = _calibration.attach(
         model,
         layers,
@@ -121,6 +198,7 @@ def compress(
         method_options=method_options,
         progress=progress,
     )
+    _require_compressible(model, layers, method, include, exclude)
     compressible = [info for info in layers if info.compressible]
 
     candidates, options = [], []
@@ -156,6 +234,8 @@ def compress(
             reason=info.reason,
             compressible=info.compressible,
         )
+        if info.aliases:
+            lp.extra["aliases"] = list(info.aliases)
         if info.compressible:
             i, opts = chosen[info.name]
             if i == DENSE:
@@ -169,7 +249,7 @@ def compress(
                     get_submodule(compressed, info.name), opt.rank, info.site
                 )
                 lp.extra.update(extra)
-                set_submodule(compressed, info.name, new)
+                compressed = replace_at(compressed, info.names, new)
                 lp.method, lp.rank = _plan_method(info, opt, method)
                 lp.params_after, lp.flops_after = opt.params, opt.flops
                 if info.note:
@@ -286,6 +366,7 @@ def analyze(
     """Per-layer shapes, costs and spectrum summary: the smallest rank keeping 90% / 99% of the
     squared Frobenius norm (energy), and the largest rank that still saves parameters."""
     _check_choice("method", method, registered_methods())
+    _check_example_input(example_input)
     layers = find_layers(model, method)
     if example_input is not None:
         _eval_mode_trace(model, layers, example_input)

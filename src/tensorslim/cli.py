@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tensorslim.errors import TensorSlimError
 
@@ -24,30 +26,88 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 
+def _print_error(message: str) -> None:
+    """One `error:` line on stderr; the message is printed literally (no rich markup)."""
+    text = " ".join(message.split())
+    err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
 def user_errors(fn):
-    """Turn TensorSlimError into a one-line message on stderr and exit code 2."""
+    """Turn TensorSlimError (and an OSError from the file system) into one line and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except TensorSlimError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=2) from None
+            _print_error(str(exc))
+        except OSError as exc:  # reading or writing a path outside tensorslim.io's care
+            where = f"{str(exc.filename)!r}: " if exc.filename else ""
+            _print_error(f"{where}{exc.strerror or exc}")
+        raise typer.Exit(code=2)
 
     return wrapper
 
 
+# Bounds of an example input shape (--input-shape, or example_input_shape in a plan).
+MAX_SHAPE_DIMS = 8
+MAX_DIM = 2**31 - 1
+MAX_ELEMENTS = 2**28  # 1 GiB of float32
+_SHAPE_RULE = (
+    f"1 to {MAX_SHAPE_DIMS} positive integers (e.g. 1,3,32,32), each at most {MAX_DIM}, "
+    f"at most {MAX_ELEMENTS} elements in all"
+)
+
+
+def check_example_shape(value: Any, source: str, shown: str | None = None) -> tuple[int, ...]:
+    """`value` as an example input shape, or TensorSlimError naming `source` and the value
+    (`shown`: the text the user typed, if any)."""
+    got = shown if shown is not None else repr(value)
+    if not isinstance(value, (list, tuple)) or not all(type(d) is int for d in value):
+        raise TensorSlimError(f"{source} must be {_SHAPE_RULE}; got {got}")
+    if not 1 <= len(value) <= MAX_SHAPE_DIMS or any(not 1 <= d <= MAX_DIM for d in value):
+        raise TensorSlimError(f"{source} must be {_SHAPE_RULE}; got {got}")
+    n = 1
+    for d in value:
+        n *= d
+    if n > MAX_ELEMENTS:
+        raise TensorSlimError(f"{source} must be {_SHAPE_RULE}; got {got} ({n} elements)")
+    return tuple(value)
+
+
 def _parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """--input-shape "1,3,32,32" (or 1x3x32x32) as a checked shape; None if not given."""
     if text is None:
         return None
-    try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
-    except ValueError:
-        raise TensorSlimError(f"--input-shape must look like 1,3,32,32; got {text!r}") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise TensorSlimError(f"--input-shape needs positive sizes; got {text!r}")
-    return shape
+    parts = [p.strip() for p in text.replace("x", ",").split(",")]
+    if not all(re.fullmatch(r"[0-9]{1,19}", p, re.ASCII) for p in parts):
+        raise TensorSlimError(f"--input-shape must be {_SHAPE_RULE}; got {text!r}")
+    return check_example_shape([int(p) for p in parts], "--input-shape", repr(text))
+
+
+def _float_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 if it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _example_for(model: torch.nn.Module, shape: tuple[int, ...] | None, example: Any) -> Any:
+    """A seeded random input of `shape` in the model's dtype, else `example` cast to that dtype."""
+    dtype = _float_dtype(model)
+    if shape is not None:
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    if isinstance(example, torch.Tensor) and example.is_floating_point():
+        return example.to(dtype)
+    return example
+
+
+def _spec_paths(spec: str | None) -> list[Path]:
+    """The files a model spec reads: a pickled model or the .py file of `file.py:factory`."""
+    if not spec:
+        return []
+    if Path(spec).exists():
+        return [Path(spec)]
+    module = spec.partition(":")[0]
+    return [Path(module)] if module.endswith(".py") else []
 
 
 def resolve_model(
@@ -87,10 +147,19 @@ def resolve_model(
     if weights:
         load_weights(model, weights)
     if shape is not None:
-        param = next(model.parameters(), None)
-        dtype = param.dtype if param is not None else torch.float32
-        example = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+        example = _example_for(model, shape, None)
     return model.eval(), example, spec
+
+
+def _parse_keep(text: str) -> float:
+    """--keep as a number in (0, 1] (parsed here so a non-number is one `error:` line too)."""
+    from tensorslim.errors import InvalidKeepError, check_keep
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidKeepError(f"--keep must be a number in (0, 1]; got {text!r}") from None
+    return check_keep(value)
 
 
 MODEL_ARG = typer.Argument(
@@ -152,7 +221,7 @@ def compress_cmd(
     model: str | None = MODEL_OPT,
     weights: Path | None = WEIGHTS_OPT,
     trust_pickle: bool = TRUST_OPT,
-    keep: float = typer.Option(0.5, "--keep", "-k", help="Fraction of the compressible cost kept."),
+    keep: str = typer.Option("0.5", "--keep", "-k", help="Fraction of the compressible cost kept."),
     cost: str = typer.Option("params", help="Budget unit: params or flops."),
     method: str = typer.Option("svd", help="Decomposition method."),
     allocator: str = typer.Option("global", help="global or uniform."),
@@ -162,13 +231,17 @@ def compress_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
 ) -> None:
     """Compress a model to a budget and save plan.json + model.safetensors."""
+    from tensorslim import zoo
     from tensorslim.api import compress
-    from tensorslim.io import save
+    from tensorslim.io import check_output_dir, save
 
-    net, example, spec = resolve_model(model or model_arg, weights, trust_pickle, input_shape)
+    keep_value = _parse_keep(keep)
+    spec_arg = model or model_arg
+    check_output_dir(out, [*_spec_paths(spec_arg), *([weights] if weights else [])])
+    net, example, spec = resolve_model(spec_arg, weights, trust_pickle, input_shape)
     small, plan = compress(
         net,
-        keep,
+        keep_value,
         cost=cost,
         method=method,
         allocator=allocator,
@@ -177,7 +250,8 @@ def compress_cmd(
         exclude=exclude or None,
         progress=True,
     )
-    plan.meta["model_spec"] = spec if not Path(spec).is_file() else None
+    # a hint for `export`, which rebuilds zoo models only: other specs would run code
+    plan.meta["model_spec"] = spec if spec in zoo.ZOO else None
     save(small, plan, out)
     console.print(str(plan), highlight=False, soft_wrap=True)
     console.print(f"Saved to {out}/ (plan.json, model.safetensors)")
@@ -232,37 +306,74 @@ def export(
         None,
         "--model",
         "-m",
-        help="The original architecture (zoo name or factory spec); "
-        "default: the one recorded in the plan.",
+        help="The original architecture (zoo name or factory spec); default: the zoo model "
+        "recorded in the plan (a folder never names code to import).",
     ),
     input_shape: str | None = SHAPE_OPT,
     check: bool = typer.Option(True, help="Compare onnxruntime's output with PyTorch's."),
 ) -> None:
-    """Export a compressed model folder to ONNX (checked against PyTorch with onnxruntime)."""
-    from tensorslim.io import PLAN_FILE, export_onnx, load
+    """Export a compressed model folder to ONNX, loaded back with onnxruntime (and with --check
+    compared with PyTorch) before it replaces the --onnx file."""
+    from tensorslim.io import (
+        MARKER_FILE,
+        PLAN_FILE,
+        WEIGHTS_FILE,
+        check_output_file,
+        export_onnx_checked,
+        load,
+    )
+    from tensorslim.modelspec import zoo_name_from_plan
     from tensorslim.plan import Plan
 
-    plan = Plan.from_json(folder / PLAN_FILE)
-    spec = model or plan.meta.get("model_spec")
-    if not spec:
-        raise TensorSlimError("the plan does not record the model; pass --model")
-    base, example, _ = resolve_model(spec, None, False, input_shape, progress=False)
-    if example is None and plan.meta.get("example_input_shape"):
-        example = torch.randn(*plan.meta["example_input_shape"])
-    if example is None:
-        raise TensorSlimError("pass --input-shape to trace the model for ONNX")
+    plan_path = folder / PLAN_FILE
+    plan = Plan.from_json(plan_path)
+    inputs = [plan_path, folder / WEIGHTS_FILE, folder / MARKER_FILE, *_spec_paths(model)]
+    check_output_file(onnx, inputs)
+    shape = _parse_shape(input_shape)
+    spec = model or zoo_name_from_plan(plan.meta, plan_path)
+    base, example = _architecture(spec)
+    if shape is None and example is None:
+        meta = plan.meta if isinstance(plan.meta, dict) else {}
+        recorded = meta.get("example_input_shape")
+        if recorded is None:
+            raise TensorSlimError("pass --input-shape to trace the model for ONNX")
+        shape = check_example_shape(recorded, f"example_input_shape in {str(plan_path)!r}")
     small = load(base, folder).eval()
-    export_onnx(small, example, onnx)
-    console.print(f"Wrote {onnx}")
-    if check:
-        import numpy as np
-        import onnxruntime as ort
+    example = _example_for(small, shape, example)
+    _, diff = export_onnx_checked(small, example, onnx, check=check)
+    console.print(f"Wrote {onnx} (loads in onnxruntime)")
+    if diff is not None:
+        console.print(f"onnxruntime vs PyTorch: max abs difference {diff:.3g}")
 
-        sess = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
-        got = sess.run(None, {sess.get_inputs()[0].name: example.numpy()})[0]
-        with torch.no_grad():
-            want = small(example).numpy()
-        console.print(f"onnxruntime vs PyTorch: max abs difference {np.abs(got - want).max():.3g}")
+
+def _architecture(spec: str) -> tuple[torch.nn.Module, Any]:
+    """The untrained architecture named by `spec` (its weights are replaced) and its example."""
+    from tensorslim import zoo
+
+    if spec in zoo.ZOO:
+        entry = zoo.get(spec)
+        return entry.build(), entry.example_input()
+    base, example, _ = resolve_model(spec, None, False, None, progress=False)
+    return base, example
+
+
+def _fractions(text: str, option: str) -> list[float]:
+    """Comma-separated numbers in (0, 1], else TensorSlimError naming the option and value."""
+    try:
+        values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        values = [float("nan")]
+    if not all(0 < v <= 1 for v in values):  # also rejects NaN
+        raise TensorSlimError(f"{option} must be comma-separated numbers in (0, 1]; got {text!r}")
+    return values
+
+
+def _positive_ints(text: str, option: str) -> list[int]:
+    """Comma-separated integers >= 1, else TensorSlimError naming the option and value."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not all(re.fullmatch(r"[0-9]{1,9}", p, re.ASCII) and int(p) >= 1 for p in parts):
+        raise TensorSlimError(f"{option} must be comma-separated integers >= 1; got {text!r}")
+    return [int(p) for p in parts]
 
 
 @app.command()
@@ -297,15 +408,9 @@ def truncate(
             "truncate needs a zoo model with labelled data: " + ", ".join(sorted(zoo.ZOO))
         )
 
-    def numbers(text: str, kind=float) -> list:
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise TensorSlimError(f"expected comma-separated numbers, got {text!r}") from None
-
-    retains = numbers(retain)
-    if any(not 0 < r <= 1 for r in retains):
-        raise TensorSlimError(f"--retain values must be in (0, 1]; got {retain!r}")
+    retains = _fractions(retain, "--retain")
+    chis = _positive_ints(chi, "--chi")
+    mps_fractions = _fractions(mps, "--mps")
     entry = zoo.get(model_arg)
     net = entry.pretrained(progress=True)
     data = entry.data()
@@ -317,8 +422,8 @@ def truncate(
             data.y_test[:n],
             cuts=None if cuts == "all" else [c for c in cuts.split(";") if c.strip()],
             retains=retains,
-            chis=numbers(chi, int),
-            mps_fractions=numbers(mps),
+            chis=chis,
+            mps_fractions=mps_fractions,
             layers=layers or None,
             retrain_epochs=retrain_epochs,
             x_train=data.x_train,

@@ -44,7 +44,12 @@ class UnsupportedLayerError(TensorSlimError):
 
 
 def check_keep(keep: float) -> float:
-    """Return `keep` as a float if 0 < keep <= 1, else raise InvalidKeepError."""
+    """Return `keep` as a float if 0 < keep <= 1, else raise InvalidKeepError (bools and strings,
+    which float() would take, are refused: `keep=True` is not 1.0)."""
+    if isinstance(keep, (bool, str, bytes)):
+        raise InvalidKeepError(
+            f"keep must be a number in (0, 1], got {keep!r} ({type(keep).__name__})"
+        )
     try:
         k = float(keep)
     except (TypeError, ValueError):

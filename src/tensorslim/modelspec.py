@@ -1,5 +1,8 @@
 """Turn a model spec from the command line into an nn.Module: a zoo name, `package.module:factory`,
-or `path/to/file.py:factory`."""
+or `path/to/file.py:factory`.
+
+Importing a module or a .py file runs its code, so specs come only from the user's own command line
+or API call: a spec read from a saved folder is never resolved (see `zoo_name_from_plan`)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -46,3 +50,22 @@ def model_from_factory(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def zoo_name_from_plan(meta: Any, plan_path: str | Path) -> str:
+    """The zoo name a saved plan records as its model, for rebuilding the architecture.
+
+    A saved folder may only name a built-in zoo model: anything else (a `module:factory` or a
+    `.py` file, maybe shipped inside the folder) would run code chosen by whoever wrote the folder,
+    so it is refused and the user must name the model on their own command line."""
+    from tensorslim import zoo
+
+    spec = meta.get("model_spec") if isinstance(meta, dict) else None
+    if isinstance(spec, str) and spec in zoo.ZOO:
+        return spec
+    recorded = "does not record a model" if spec is None else f"names the model {spec!r}"
+    raise ModelSpecError(
+        f"{str(plan_path)!r} {recorded}, which is not a zoo model ({', '.join(sorted(zoo.ZOO))}); "
+        "tensorslim never imports code named by a saved folder: pass --model "
+        "package.module:factory (the original architecture)"
+    )

@@ -10,11 +10,16 @@ For each requested layer (and each of its matrix parts, see adapters.py) this ac
 
 Memory is bounded by the statistics themselves (n^2 + m n numbers per part) plus `max_samples`
 samples per layer; activations of a batch are folded into the sums and dropped before the next batch.
+
+Every contribution is checked for NaN / Inf as it is added (one pass over an n x n or m x n matrix
+per batch), so a bad batch is reported by its index and layer instead of silently poisoning the
+statistics (a NaN Gram or Fisher makes every later error estimate NaN).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +27,10 @@ import torch
 from torch import nn
 
 from tensorslim._progress import track
-from tensorslim.calibrate.adapters import adapter_for
+from tensorslim.calibrate.adapters import Adapter, adapter_for
 from tensorslim.errors import ExampleInputError, TensorSlimError
+
+BATCH_KINDS = "a tensor, a tuple of positional inputs or a dict of keyword inputs"
 
 
 @dataclass
@@ -54,11 +61,9 @@ class LayerStats:
         """X^T X / rows: the inputs' second-moment matrix."""
         return None if self.gram is None or self.rows == 0 else self.gram / self.rows
 
-    def _add_rows(self, x: torch.Tensor) -> None:
-        x64 = x.detach().to(torch.float64)
-        g = x64.T @ x64
+    def _add_gram(self, g: torch.Tensor, rows: int) -> None:
         self.gram = g if self.gram is None else self.gram.add_(g)
-        self.rows += x64.shape[0]
+        self.rows += rows
 
     def _add_grad(self, g: torch.Tensor) -> None:
         g2 = g.detach().to(torch.float64).square()
@@ -87,6 +92,186 @@ def _batch_size(batch: Any) -> int | None:
     return None
 
 
+def _tensors(batch: Any) -> list[torch.Tensor]:
+    """The tensors of a batch (itself, or the items of a tuple / list / dict), one level deep."""
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if not isinstance(batch, (tuple, list)):
+        return []
+    return [b for b in batch if isinstance(b, torch.Tensor)]
+
+
+def batch_name(index: int) -> str:
+    """How messages name a calibration batch: its position in the iterable, counting from 0."""
+    return f"calibration batch {index} (counting from 0)"
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN / Inf in `t`. They propagate into a sum, so one reduction (~15x cheaper than
+    isfinite().all()) decides; the full test runs only when the sum of finite values overflows."""
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _count_nonfinite(t: torch.Tensor) -> str:
+    """'3 NaN and 1 Inf values' (of a floating tensor)."""
+    nan = int(torch.isnan(t).sum())
+    inf = int(torch.isinf(t).sum())
+    return (
+        " and ".join(f"{k} {what}" for k, what in ((nan, "NaN"), (inf, "Inf")) if k)
+        + f" values (of {t.numel()})"
+    )
+
+
+def _batch_nonfinite(batch: Any) -> str | None:
+    """A description of the NaN / Inf values in the batch's floating tensors, None if none."""
+    found = [
+        _count_nonfinite(t)
+        for t in _tensors(batch)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    return "; ".join(found) or None
+
+
+def _layer_label(name: str, part: str) -> str:
+    return f"layer {name!r}" + (f" (matrix {part!r})" if part else "")
+
+
+def _nonfinite_inputs_error(name: str, part: str, index: int, batch: Any, x: torch.Tensor):
+    """The error for a layer whose inputs on one batch hold NaN / Inf (or overflow its Gram)."""
+    x = x.detach()
+    where = f"{batch_name(index)}: the inputs of {_layer_label(name, part)}"
+    if not x.is_floating_point() or bool(torch.isfinite(x).all()):
+        return TensorSlimError(
+            f"{where} reach {float(x.abs().max()):g}, so X^T X overflows float64; "
+            "scale the calibration data down"
+        )
+    in_batch = _batch_nonfinite(batch)
+    cause = (
+        f"the batch itself holds NaN/Inf ({in_batch})"
+        if in_batch
+        else "the batch is finite, so the model produces them before this layer"
+    )
+    return TensorSlimError(
+        f"{where} hold {_count_nonfinite(x)}; {cause}. "
+        "Calibration statistics must be finite: remove or clean that batch"
+    )
+
+
+def _numbered(batches: Iterable[Any]) -> Iterator[tuple[int, Any]]:
+    """(index, batch) pairs; an error raised while reading the data names the batch."""
+    try:
+        it = iter(batches)
+    except TypeError:
+        raise TensorSlimError(
+            f"calibration must be an iterable of batches, got {type(batches).__name__}"
+        ) from None
+    index = 0
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except TensorSlimError:
+            raise
+        except Exception as exc:
+            raise TensorSlimError(
+                f"reading {batch_name(index)} from the calibration data raised "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        yield index, batch
+        index += 1
+
+
+def _check_batch(batch: Any, index: int) -> None:
+    """Refuse a batch without samples (the model decides about everything else)."""
+    if _batch_size(batch) == 0:
+        shapes = [tuple(t.shape) for t in _tensors(batch)]
+        raise ExampleInputError(
+            f"{batch_name(index)} is empty (batch size 0, tensor shapes {shapes}); "
+            "every calibration batch needs at least one sample"
+        )
+
+
+class _Collector:
+    """The forward hooks of one calibrate() call; `index` / `batch` are the batch being run."""
+
+    def __init__(self, stats, adapters, gram: bool, max_samples: int):
+        self.stats, self.adapters = stats, adapters
+        self.gram, self.max_samples = gram, max_samples
+        self.index, self.batch = 0, None
+
+    def hook(self, name: str, module: nn.Module):
+        st, adapter = self.stats[name], self.adapters[name]
+
+        def hook(_mod, args, kwargs, output):
+            if self.gram:
+                for part, x in adapter.rows(module, args, kwargs, output).items():
+                    self._add(name, part, st.part(part), x)
+            if self.max_samples and len(st.inputs) < self.max_samples:
+                self._sample(st, args, kwargs, output)
+
+        return hook
+
+    def _add(self, name: str, part: str, st: LayerStats, x: torch.Tensor) -> None:
+        x64 = x.detach().to(torch.float64)
+        g = x64.T @ x64
+        if not _all_finite(g):
+            raise _nonfinite_inputs_error(name, part, self.index, self.batch, x)
+        st._add_gram(g, x64.shape[0])
+
+    def _sample(self, st: LayerStats, args, kwargs, output) -> None:
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor):
+            for i in range(min(x.shape[0], self.max_samples - len(st.inputs))):
+                st.inputs.append(x[i : i + 1].detach().clone())
+                st.outputs.append(output[i : i + 1].detach().clone())
+
+
+def _prepare(layers: Mapping[str, nn.Module]) -> tuple[dict[str, LayerStats], dict[str, Adapter]]:
+    """Empty stats and the adapter of every layer; refuses a layer type without an adapter."""
+    stats: dict[str, LayerStats] = {}
+    adapters: dict[str, Adapter] = {}
+    for name, module in layers.items():
+        adapter = adapter_for(module)
+        if adapter is None:
+            raise TensorSlimError(
+                f"calibration does not know layer {name!r} ({type(module).__name__}); register an "
+                "adapter with tensorslim.calibrate.register_adapter"
+            )
+        adapters[name] = adapter
+        st = LayerStats()
+        for p in adapter.parts(module):
+            if p:
+                st.parts[p] = LayerStats()
+        stats[name] = st
+    return stats, adapters
+
+
+def _forward(model: nn.Module, layers, collector: _Collector, batch: Any, index: int) -> None:
+    """One no-grad forward pass of `batch` with the collecting hooks attached."""
+    collector.index, collector.batch = index, batch
+    hooks = [
+        m.register_forward_hook(collector.hook(name, m), with_kwargs=True)
+        for name, m in layers.items()
+    ]
+    try:
+        with torch.no_grad():
+            call_model(model, batch)
+    except TensorSlimError:
+        raise
+    except Exception as exc:
+        raise ExampleInputError(
+            f"the model rejected {batch_name(index)} ({type(exc).__name__}: {exc}); "
+            f"calibration batches must be model inputs: {BATCH_KINDS}"
+        ) from exc
+    finally:
+        collector.batch = None
+        for h in hooks:
+            h.remove()
+
+
 def calibrate(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
@@ -106,40 +291,17 @@ def calibrate(
     Fisher diagonal). The model's mode (train/eval) is left as the caller set it; the forward passes
     for the Gram matrices run without gradients, and parameter `.grad` fields are not touched.
     gram: collect X^T X. max_samples: keep that many input/output samples per layer.
+
+    Raises TensorSlimError naming the batch (and layer) for an empty or unreadable batch, a batch
+    the model rejects, NaN / Inf in a layer's inputs, and a loss that fails, is not a finite scalar
+    tensor or has a NaN / Inf gradient.
     """
-    stats: dict[str, LayerStats] = {}
-    adapters = {}
-    for name, module in layers.items():
-        adapter = adapter_for(module)
-        if adapter is None:
-            raise TensorSlimError(
-                f"calibration does not know layer {name!r} ({type(module).__name__}); register an "
-                "adapter with tensorslim.calibrate.register_adapter"
-            )
-        adapters[name] = adapter
-        parts = adapter.parts(module)
-        st = LayerStats()
-        for p in parts:
-            if p:
-                st.parts[p] = LayerStats()
-        stats[name] = st
-
-    def make_hook(name: str, module: nn.Module):
-        st, adapter = stats[name], adapters[name]
-
-        def hook(_mod, args, kwargs, output):
-            if gram:
-                for part, x in adapter.rows(module, args, kwargs, output).items():
-                    st.part(part)._add_rows(x)
-            if max_samples and len(st.inputs) < max_samples:
-                x = args[0] if args else next(iter(kwargs.values()), None)
-                if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor):
-                    for i in range(min(x.shape[0], max_samples - len(st.inputs))):
-                        st.inputs.append(x[i : i + 1].detach().clone())
-                        st.outputs.append(output[i : i + 1].detach().clone())
-
-        return hook
-
+    if loss is not None and not callable(loss):
+        raise TensorSlimError(
+            f"loss must be a function loss(model, batch) -> scalar tensor, got {type(loss).__name__}"
+        )
+    stats, adapters = _prepare(layers)
+    collector = _Collector(stats, adapters, gram, max_samples)
     params: list[tuple[str, str, torch.Tensor]] = []
     if loss is not None:
         for name, module in layers.items():
@@ -148,33 +310,19 @@ def calibrate(
 
     mode = model.training  # a loss may switch modes (e.g. dropout on); each Gram pass restores it
     n = 0
-    for batch in track(batches, "Calibrating", progress):
-        if max_batches is not None and n >= max_batches:
-            break
-        n += 1
-        if gram or max_samples:
-            hooks = [
-                m.register_forward_hook(make_hook(name, m), with_kwargs=True)
-                for name, m in layers.items()
-            ]
-            model.train(mode)
-            try:
-                with torch.no_grad():
-                    call_model(model, batch)
-            except TensorSlimError:
-                raise
-            except Exception as exc:
-                raise ExampleInputError(
-                    f"the model rejected calibration batch {n} ({type(exc).__name__}: {exc}); "
-                    "calibration batches must be model inputs: a tensor, a tuple of positional "
-                    "inputs or a dict of keyword inputs"
-                ) from exc
-            finally:
-                for h in hooks:
-                    h.remove()
-        if loss is not None:
-            _fisher_step(model, batch, loss, params, stats, adapters, layers)
-    model.train(mode)
+    try:
+        for index, batch in track(_numbered(batches), "Calibrating", progress):
+            if max_batches is not None and n >= max_batches:
+                break
+            n += 1
+            _check_batch(batch, index)
+            if gram or max_samples:
+                model.train(mode)
+                _forward(model, layers, collector, batch, index)
+            if loss is not None:
+                _fisher_step(model, batch, index, loss, params, stats, adapters, layers)
+    finally:
+        model.train(mode)
     if n == 0:
         raise TensorSlimError("calibration data is empty: give at least one batch")
     for st in stats.values():
@@ -184,23 +332,45 @@ def calibrate(
     return stats
 
 
-def _fisher_step(model, batch, loss, params, stats, adapters, layers) -> None:
+def _loss_value(model: nn.Module, batch: Any, index: int, loss) -> torch.Tensor:
+    """loss(model, batch), checked: a finite scalar tensor that depends on the weights."""
+    try:
+        value = loss(model, batch)
+    except TensorSlimError:
+        raise
+    except Exception as exc:
+        raise ExampleInputError(
+            f"loss(model, batch) raised {type(exc).__name__} on {batch_name(index)}: {exc}"
+        ) from exc
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise TensorSlimError(
+            f"loss(model, batch) must return a scalar tensor, got {type(value).__name__}"
+            + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else "")
+            + f" on {batch_name(index)}"
+        )
+    if not value.requires_grad:
+        raise TensorSlimError(
+            f"loss(model, batch) on {batch_name(index)} does not depend on the layers' weights "
+            "(no gradient); compute it from the model's output"
+        )
+    if not bool(torch.isfinite(value.detach()).all()):
+        nonfinite = _batch_nonfinite(batch)
+        raise TensorSlimError(
+            f"loss(model, batch) returned {float(value.detach().reshape(())):g} on "
+            f"{batch_name(index)}; the loss must be finite to estimate the Fisher information"
+            + (f" (the batch holds NaN/Inf: {nonfinite})" if nonfinite else "")
+        )
+    return value
+
+
+def _fisher_step(model, batch, index, loss, params, stats, adapters, layers) -> None:
+    """Add one batch's squared loss gradient to every part's Fisher sum."""
     saved = [p.requires_grad for _, _, p in params]
     for _, _, p in params:
         p.requires_grad_(True)
     try:
         with torch.enable_grad():
-            value = loss(model, batch)
-            if not isinstance(value, torch.Tensor) or value.numel() != 1:
-                raise TensorSlimError(
-                    f"loss(model, batch) must return a scalar tensor, got {type(value).__name__}"
-                    + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else "")
-                )
-            if not value.requires_grad:
-                raise TensorSlimError(
-                    "loss(model, batch) does not depend on the layers' weights (no gradient); "
-                    "compute it from the model's output"
-                )
+            value = _loss_value(model, batch, index, loss)
             grads = torch.autograd.grad(
                 value.reshape(()), [p for _, _, p in params], allow_unused=True
             )
@@ -210,4 +380,10 @@ def _fisher_step(model, batch, loss, params, stats, adapters, layers) -> None:
     for (name, part, p), g in zip(params, grads):
         if g is None:
             g = torch.zeros_like(p)
+        elif not _all_finite(g):
+            raise TensorSlimError(
+                f"{batch_name(index)}: the loss gradient of {_layer_label(name, part)} holds "
+                f"{_count_nonfinite(g)} (the loss is {float(value.detach().reshape(())):g}); "
+                "the Fisher estimate must be finite: check the loss and the model for overflow"
+            )
         stats[name].part(part)._add_grad(adapters[name].grad_matrix(layers[name], part, g))

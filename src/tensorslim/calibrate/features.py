@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tensorslim.errors import TensorSlimError
+
 
 def feature_errors(
     replacement: nn.Module,
@@ -26,7 +28,10 @@ def feature_errors(
     .outputs from calibration). Returns {"absolute", "relative", "scaled", "samples"}.
     """
     if len(inputs) != len(outputs) or not inputs:
-        raise ValueError("need the same, non-zero number of input and output samples")
+        raise TensorSlimError(
+            "feature_errors needs the same, non-zero number of input and output samples; got "
+            f"{len(inputs)} inputs and {len(outputs)} outputs"
+        )
     absolute, relative, scaled = [], [], []
     with torch.no_grad():
         for x, f in zip(inputs, outputs):

@@ -71,8 +71,12 @@ def svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     Shapes: U (m, k), S (k,), Vh (k, n) with k = min(m, n); S is non-increasing.
     """
     _check_matrix(w)
-    u, s, vh = torch.linalg.svd(w.detach().to(torch.float64), full_matrices=False)
+    u, s, vh = _svd64(w)
     return u.to(w.dtype), s.to(w.dtype), vh.to(w.dtype)
+
+
+def _svd64(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.linalg.svd(w.detach().to(torch.float64), full_matrices=False)
 
 
 def singular_values(w: torch.Tensor) -> torch.Tensor:
@@ -100,6 +104,13 @@ def randomized_svd(
     """
     _check_matrix(w)
     _check_rank(w, rank)
+    u, s, vh = _randomized64(w, rank, oversample, n_iter, seed)
+    return u.to(w.dtype), s.to(w.dtype), vh.to(w.dtype)
+
+
+def _randomized64(
+    w: torch.Tensor, rank: int, oversample: int, n_iter: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m, n = w.shape
     a = w.detach().to(torch.float64)
     k = min(rank + oversample, min(m, n))
@@ -112,7 +123,7 @@ def randomized_svd(
     b = q.T @ a  # (k, n)
     ub, s, vh = torch.linalg.svd(b, full_matrices=False)
     u = q @ ub
-    return u[:, :rank].to(w.dtype), s[:rank].to(w.dtype), vh[:rank].to(w.dtype)
+    return u[:, :rank], s[:rank], vh[:rank]
 
 
 def use_randomized(m: int, n: int, rank: int) -> bool:
@@ -137,13 +148,32 @@ def truncated_svd(
     if method not in ("auto", "exact", "randomized"):
         raise ValueError(f"method must be 'auto', 'exact' or 'randomized', got {method!r}")
     if method == "randomized" or (method == "auto" and use_randomized(*w.shape, rank)):
-        u, s, vh = randomized_svd(w, rank, seed=seed)
+        u, s, vh = _randomized64(w, rank, 10, 4, seed)
     else:
-        u, s, vh = svd(w)
+        u, s, vh = _svd64(w)
         u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     # Split sqrt(S) between the factors? Folding S into A keeps B orthonormal, which keeps the first
-    # (input-side) layer well scaled; either choice gives the same product.
-    return (u * s).contiguous(), vh.contiguous()
+    # (input-side) layer well scaled; either choice gives the same product. The factors are formed
+    # in float64 and cast to W's dtype once (float16 / bfloat16 weights lose no more precision).
+    a, b = cast_factors(u * s, vh, w.dtype)
+    return a.contiguous(), b.contiguous()
+
+
+def cast_factors(
+    a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A, B cast to `dtype`; where A would overflow it (float16 holds at most 65504), A is divided
+    and B multiplied by one scalar so both have the same largest magnitude (A @ B is unchanged).
+    A product too large even then stays non-finite: callers refuse it."""
+    if not dtype.is_floating_point or torch.finfo(dtype).bits >= 32:
+        return a.to(dtype), b.to(dtype)
+    limit = torch.finfo(dtype).max
+    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    ma, mb = (float(t.abs().amax()) if t.numel() else 0.0 for t in (a64, b64))
+    if ma > limit and mb > 0:
+        c = math.sqrt(ma / mb)
+        a64, b64 = a64 / c, b64 * c
+    return a64.to(dtype), b64.to(dtype)
 
 
 def tail_energy(singular_values: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@
 A kernel K has shape (out, in, *k) with k = (kh, kw) for Conv2d or (kw,) for Conv1d, as in torch.
 Every function returns plain tensors (factors) and the facts an allocator or a plan needs
 (iterations, final relative error). Parameter counts of each format are given by `*_params`, the
-largest rank that fits a fraction of the dense kernel by `*_rank_for_keep`.
+largest rank that fits a fraction of the dense kernel by `*_rank_for_keep`. Kernels are decomposed
+in float64 when they are float64 and in float32 otherwise (float16 and bfloat16 included, see
+`compute_dtype`); the factors come back in that dtype and the caller casts them to the layer's.
 
 Methods and their sources:
 - CP (canonical polyadic), K[o,i,h,w] = sum_r A[o,r] B[i,r] C[h,r] D[w,r], fitted by alternating least
@@ -214,11 +216,21 @@ class Decomposition:
         return out
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel of `dtype` is decomposed in: float64 for float64 kernels, float32 for
+    every other one (float16 / bfloat16 kernels are decomposed in float32; the factorized layer
+    casts the factors back to the layer's dtype)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _check_kernel(kernel: torch.Tensor) -> torch.Tensor:
     _split(tuple(kernel.shape))
-    if not torch.isfinite(kernel).all():
+    if not kernel.is_floating_point():
+        raise ValueError(f"kernel must be a floating-point tensor, got {kernel.dtype}")
+    k = kernel.detach().to(compute_dtype(kernel.dtype)).cpu().contiguous()
+    if not torch.isfinite(k).all():
         raise ValueError("kernel contains NaN or Inf")
-    return kernel.detach().to(torch.float32).cpu().contiguous()
+    return k
 
 
 def _rel_error(k: torch.Tensor, k_hat: torch.Tensor) -> float:
@@ -313,7 +325,7 @@ def balance_cp(factors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _leading_left(unfolding: torch.Tensor, r: int) -> torch.Tensor:
     u, _, _ = torch.linalg.svd(unfolding.to(torch.float64), full_matrices=False)
-    return u[:, :r].to(torch.float32)
+    return u[:, :r].to(unfolding.dtype)
 
 
 def tucker2_reconstruct(
@@ -415,8 +427,8 @@ def spatial_svd(kernel: torch.Tensor, rank: int) -> Decomposition:
         raise ValueError(f"spatial SVD rank must be in [1, {full}], got {rank!r}")
     m = k.permute(1, 2, 0, 3).reshape(inp * kh, out * kw).to(torch.float64)
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    v = (u[:, :rank] * s[:rank].sqrt()).to(torch.float32)  # (in*kh, r)
-    h = (s[:rank].sqrt()[:, None] * vh[:rank]).to(torch.float32)  # (r, out*kw)
+    v = (u[:, :rank] * s[:rank].sqrt()).to(k.dtype)  # (in*kh, r)
+    h = (s[:rank].sqrt()[:, None] * vh[:rank]).to(k.dtype)  # (r, out*kw)
     vertical = v.reshape(inp, kh, rank).permute(2, 0, 1).unsqueeze(-1).contiguous()
     horizontal = h.reshape(rank, out, kw).permute(1, 0, 2).unsqueeze(2).contiguous()
     tail = float((s[rank:] ** 2).sum() / (s**2).sum()) if float(s.sum()) > 0 else 0.0

@@ -37,6 +37,7 @@ Pure tensor code: imports nothing from the rest of tensorslim.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -49,6 +50,10 @@ SOLVERS = ("als", "em", "adam")
 DEFAULT_SOLVER = "als"
 
 
+def _nonfinite(t: torch.Tensor) -> int:
+    return int((~torch.isfinite(t)).sum())
+
+
 def _check(w: torch.Tensor, weights: torch.Tensor, rank: int) -> None:
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(w.shape)}")
@@ -56,12 +61,33 @@ def _check(w: torch.Tensor, weights: torch.Tensor, rank: int) -> None:
         raise ValueError(
             f"weights must have the matrix's shape {tuple(w.shape)}, got {tuple(weights.shape)}"
         )
-    if not torch.isfinite(w).all() or not torch.isfinite(weights).all():
-        raise ValueError("matrix or weights contain NaN or Inf")
+    for what, t in (("the matrix", w), ("the weights (Fisher information)", weights)):
+        bad = _nonfinite(t)
+        if bad:
+            raise ValueError(f"{what} holds {bad} NaN or Inf values (of {t.numel()})")
     if (weights < 0).any():
-        raise ValueError("weights must be non-negative")
+        raise ValueError(
+            f"weights must be non-negative; {int((weights < 0).sum())} of {weights.numel()} are "
+            "negative"
+        )
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(w.shape):
         raise ValueError(f"rank must be an integer in [1, {min(w.shape)}], got {rank!r}")
+
+
+def _check_solver_args(solver: str, iters: int, tol: float, lr: float, time_limit) -> None:
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+    for name, value, low in (("tol", tol, 0.0), ("lr", lr, None)):
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or value < 0 or (low is None and value == 0):
+            need = ">= 0" if low is not None else "> 0"
+            raise ValueError(f"{name} must be a finite number {need}, got {value!r}")
+    if time_limit is not None and not (
+        isinstance(time_limit, numbers.Real) and not isinstance(time_limit, bool) and time_limit > 0
+    ):
+        raise ValueError(f"time_limit must be None or a number of seconds > 0, got {time_limit!r}")
 
 
 def row_importance(fisher: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -81,9 +107,19 @@ def fwsvd_factors(
     `row_weights` are the (positive) row importances I^; A[:, :r] @ B[:r] is the row-weighted optimum
     at every rank r <= K = max_rank (default min(m, n)).
     """
-    d = row_weights.detach().to(torch.float64).sqrt()
-    if d.shape != (w.shape[0],) or not (d > 0).all():
-        raise ValueError(f"row_weights must be {w.shape[0]} positive numbers")
+    rw = row_weights.detach().to(torch.float64)
+    if rw.shape != (w.shape[0],):
+        raise ValueError(
+            f"row_weights must be {w.shape[0]} numbers (one per row of the {tuple(w.shape)} "
+            f"matrix), got shape {tuple(rw.shape)}"
+        )
+    bad = int((~(torch.isfinite(rw) & (rw > 0))).sum())
+    if bad:
+        raise ValueError(
+            f"row_weights (the FWSVD row importance) must be {w.shape[0]} positive finite "
+            f"numbers; {bad} are zero, negative, NaN or Inf (NaN or Inf in the Fisher estimate?)"
+        )
+    d = rw.sqrt()
     w64 = w.detach().to(torch.float64)
     u, s, vh = torch.linalg.svd(d[:, None] * w64, full_matrices=False)
     k = min(w.shape) if max_rank is None else max_rank
@@ -195,8 +231,7 @@ def fvd(
     lr: Adam's step relative to the factors' RMS. time_limit: stop after this many seconds.
     """
     _check(w, weights, rank)
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    _check_solver_args(solver, iters, tol, lr, time_limit)
     w64 = w.detach().to(torch.float64)
     wt = weights.detach().to(torch.float64)
     top = wt.max()

@@ -18,6 +18,8 @@ Pure tensor code: imports nothing from the rest of tensorslim.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +48,11 @@ def whitening(gram: torch.Tensor, damp: float = 1e-6) -> Whitening:
     g = gram.detach().to(torch.float64)
     if g.ndim != 2 or g.shape[0] != g.shape[1]:
         raise ValueError(f"gram must be a square matrix, got shape {tuple(g.shape)}")
-    if not torch.isfinite(g).all():
-        raise ValueError("gram contains NaN or Inf")
+    bad = int((~torch.isfinite(g)).sum())
+    if bad:
+        raise ValueError(f"gram (the inputs' X^T X) holds {bad} NaN or Inf values (of {g.numel()})")
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not 0 <= damp < math.inf:
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
     g = (g + g.T) / 2
     n = g.shape[0]
     scale = float(torch.diagonal(g).mean())
@@ -57,7 +62,10 @@ def whitening(gram: torch.Tensor, damp: float = 1e-6) -> Whitening:
     if int(info) == 0 and torch.isfinite(chol).all():
         return Whitening(chol, "cholesky", lam)
     evals, q = torch.linalg.eigh(g)
-    sqrt_lam = evals.clamp_min(lam).sqrt()
+    floor = lam
+    if floor <= 0:  # damp=0 on rank-deficient inputs: float64 resolution keeps S invertible
+        floor = n * torch.finfo(torch.float64).eps * float(evals.abs().max()) or 1.0
+    sqrt_lam = evals.clamp_min(floor).sqrt()
     return Whitening(q * sqrt_lam, "eigen", lam, q=q, sqrt_lam=sqrt_lam)
 
 

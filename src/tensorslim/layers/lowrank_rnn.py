@@ -70,7 +70,8 @@ def _gru_direction(
     gi: torch.Tensor,
     h: torch.Tensor,
     vt: torch.Tensor,
-    ut: torch.Tensor | None,
+    ut: torch.Tensor,
+    factored: bool,
     b_hh: torch.Tensor,
     reverse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +81,7 @@ def _gru_direction(
     for s in range(t_len):
         t = t_len - 1 - s if reverse else s
         hv = h.mm(vt)
-        gh = b_hh + hv if ut is None else torch.addmm(b_hh, hv, ut)
+        gh = torch.addmm(b_hh, hv, ut) if factored else b_hh + hv
         ir, iz, in_ = gi[t].chunk(3, 1)
         hr, hz, hn = gh.chunk(3, 1)
         r = torch.sigmoid(ir + hr)
@@ -88,9 +89,9 @@ def _gru_direction(
         n = torch.tanh(in_ + r * hn)
         h = (1 - z) * n + z * h
         outs.append(h)
-    if reverse:
-        outs.reverse()
-    return torch.stack(outs), h
+    seq = torch.stack(outs)
+    # flip the stacked tensor, not the list: the ONNX exporter drops a list's in-place reverse()
+    return (seq.flip(0) if reverse else seq), h
 
 
 def _lstm_direction(
@@ -98,7 +99,8 @@ def _lstm_direction(
     h: torch.Tensor,
     c: torch.Tensor,
     vt: torch.Tensor,
-    ut: torch.Tensor | None,
+    ut: torch.Tensor,
+    factored: bool,
     b_hh: torch.Tensor,
     reverse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,14 +109,13 @@ def _lstm_direction(
     for s in range(t_len):
         t = t_len - 1 - s if reverse else s
         hv = h.mm(vt)
-        gates = gi[t] + (b_hh + hv if ut is None else torch.addmm(b_hh, hv, ut))
+        gates = gi[t] + (torch.addmm(b_hh, hv, ut) if factored else b_hh + hv)
         i, f, g, o = gates.chunk(4, 1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         outs.append(h)
-    if reverse:
-        outs.reverse()
-    return torch.stack(outs), h, c
+    seq = torch.stack(outs)
+    return (seq.flip(0) if reverse else seq), h, c
 
 
 _SCRIPTED: dict[str, Any] = {}
@@ -264,11 +265,16 @@ class LowRankRNN(nn.Module):
             return x @ getattr(self, name).T
         return (x @ getattr(self, name + "_v").T) @ getattr(self, name + "_u").T
 
-    def _recurrent(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(V^T, U^T) of a factorized recurrent matrix, (W^T, None) of a dense one."""
+    def _recurrent(self, name: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(V^T, U^T, True) of a factorized recurrent matrix, (W^T, W^T, False) of a dense one.
+
+        The kernels take a tensor and a flag rather than an Optional tensor: the ONNX exporter
+        writes a None branch of an Optional as an untyped tensor that onnxruntime cannot load.
+        """
         if self.ranks.get(name) is None:
-            return getattr(self, name).T, None
-        return getattr(self, name + "_v").T, getattr(self, name + "_u").T
+            wt = getattr(self, name).T
+            return wt, wt, False
+        return getattr(self, name + "_v").T, getattr(self, name + "_u").T, True
 
     def _forward_lowrank(self, x: torch.Tensor, hx: Any) -> Any:
         lstm = self.mode == "LSTM"
@@ -302,12 +308,12 @@ class LowRankRNN(nn.Module):
                 if self.bias:
                     gi = gi + getattr(self, "bias_ih" + sfx)
                 b_hh = getattr(self, "bias_hh" + sfx) if self.bias else no_bias
-                vt, ut = self._recurrent("weight_hh" + sfx)
+                vt, ut, factored = self._recurrent("weight_hh" + sfx)
                 if lstm:
-                    seq, h, c = kernel(gi, h0[k], c0[k], vt, ut, b_hh, bool(d))
+                    seq, h, c = kernel(gi, h0[k], c0[k], vt, ut, factored, b_hh, bool(d))
                     c_n.append(c)
                 else:
-                    seq, h = kernel(gi, h0[k], vt, ut, b_hh, bool(d))
+                    seq, h = kernel(gi, h0[k], vt, ut, factored, b_hh, bool(d))
                 outs.append(seq)
                 h_n.append(h)
             layer_in = torch.cat(outs, -1) if dirs == 2 else outs[0]

@@ -18,8 +18,9 @@ For Conv1d the two spatial layers of CP and TT become one layer with the 1-D ker
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -147,12 +148,23 @@ class FactorizedConv(nn.Sequential):
 
     @classmethod
     def from_decomposition(cls, conv: nn.Module, dec: Decomposition) -> FactorizedConv:
-        layer = cls(ConvGeometry.of(conv), dec.rank)
+        """The chain holding `dec`'s factors, in `conv`'s dtype and on its device.
+
+        The factors are loaded in their own dtype (float32, or float64 for float64 kernels) and cast
+        once; where a factor would overflow `conv`'s dtype (float16 holds at most 65504), the
+        chain's layers are first rescaled by scalars whose product is 1 (`fit_range`). A chain that
+        still does not fit has non-finite weights: the caller refuses it."""
+        g = ConvGeometry.of(conv)
+        work = dec.factors[0].dtype if dec.factors[0].is_floating_point() else torch.float32
+        layer = cls(replace(g, device="cpu", dtype=work), dec.rank)
         with torch.no_grad():
             layer.load_factors(dec.factors)
             last = layer[-1]
             if conv.bias is not None:
                 last.bias.copy_(conv.bias.detach())
+        fit_range(layer, g.dtype)
+        layer = layer.to(device=g.device, dtype=g.dtype)
+        layer.geometry = g
         layer.decomposition_info = dec.summary()
         return layer
 
@@ -181,6 +193,23 @@ class FactorizedConv(nn.Sequential):
 
     def extra_repr(self) -> str:
         return f"method={self.method}, rank={self.rank}"
+
+
+def fit_range(layer: nn.Sequential, dtype: torch.dtype | None) -> None:
+    """Where a layer's weight would overflow `dtype`, rescale every layer's weight by a scalar so
+    that all have the same largest magnitude (their geometric mean). The scalars multiply to 1 and
+    every layer but the last is a bias-free linear map (padding included), so the chain computes
+    the same function. Nothing changes for dtypes of 32 bits or more, or where everything fits."""
+    if dtype is None or not dtype.is_floating_point or torch.finfo(dtype).bits >= 32:
+        return
+    weights = [m.weight for m in layer]
+    peaks = [float(w.detach().abs().amax()) if w.numel() else 0.0 for w in weights]
+    if max(peaks) <= torch.finfo(dtype).max or min(peaks) == 0.0:
+        return
+    target = math.exp(sum(math.log(p) for p in peaks) / len(peaks))
+    with torch.no_grad():
+        for w, p in zip(weights, peaks):
+            w.mul_(target / p)
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -13,8 +13,11 @@ from tensorslim.model.latency import (
 )
 from tensorslim.model.profile import (
     LayerInfo,
+    ModelIndex,
+    check_patterns,
     count_params,
     find_layers,
+    layer_modules,
     run_model,
     trace_sites,
 )
@@ -26,7 +29,7 @@ from tensorslim.model.registry import (
     register,
     registered_methods,
 )
-from tensorslim.model.surgery import get_submodule, set_submodule
+from tensorslim.model.surgery import get_submodule, replace_at, set_submodule
 
 register_builtin()
 
@@ -61,22 +64,26 @@ __all__ = [
     "Factorizer",
     "LayerInfo",
     "LayerSite",
+    "ModelIndex",
     "Latency",
     "LinearSVD",
     "MHAFactorizer",
     "MatrixSVDFactorizer",
     "OBJECTIVES",
     "Option",
+    "check_patterns",
     "compare_calls",
     "compare_models",
     "count_params",
     "find",
     "find_layers",
     "get_submodule",
+    "layer_modules",
     "measure_latency",
     "RNNSVD",
     "register",
     "registered_methods",
+    "replace_at",
     "run_model",
     "set_submodule",
     "time_call",

@@ -24,6 +24,7 @@ from torch import nn
 
 from tensorslim.calibrate import Adapter, register_adapter
 from tensorslim.decompose import max_useful_rank
+from tensorslim.decompose.svd import cast_factors
 from tensorslim.errors import TensorSlimError
 from tensorslim.layers import LowRankLinear
 from tensorslim.layers.attention import RoutedMultiheadAttention
@@ -38,7 +39,15 @@ from tensorslim.model.data_aware import (
     setting,
     solve,
 )
-from tensorslim.model.registry import Factorizer, LayerSite, Option, register
+from tensorslim.model.factorizers import refuse_overflow
+from tensorslim.model.registry import (
+    Factorizer,
+    LayerSite,
+    Option,
+    is_int,
+    register,
+    short_repr,
+)
 
 PARTS = ("in_proj", "out_proj")
 
@@ -124,12 +133,30 @@ class MHAFactorizer(Factorizer):
         fits = [p for p in self._pairs(module) if self._params(module, p) <= budget]
         return list(fits[-1]) if fits else None
 
+    def check_rank(self, module: nn.Module, rank: Any) -> str | None:
+        """2 integers (r_in, r_out): the ranks of in_proj (3E x E) and out_proj (E x E), each in
+        [1, its matrix's full rank] (E, the embed_dim)."""
+        shapes = {part: tuple(w.shape) for part, (w, _) in _matrices(module).items()}
+        full = tuple(min(shapes[part]) for part in PARTS)
+        if (
+            isinstance(rank, (list, tuple))
+            and len(rank) == 2
+            and all(is_int(r) and 1 <= r <= f for r, f in zip(rank, full))
+        ):
+            return None
+        sizes = {part: "x".join(map(str, shapes[part])) for part in PARTS}
+        return (
+            f"rank must be 2 integers (r_in, r_out: the ranks of in_proj, {sizes['in_proj']}, "
+            f"and out_proj, {sizes['out_proj']}) with r_in in [1, {full[0]}] and r_out in "
+            f"[1, {full[1]}] (the full ranks); got {short_repr(rank)}"
+        )
+
     def _build(self, module, factors) -> RoutedMultiheadAttention:
         mats = _matrices(module)
         projs = {}
         for part, (a, b) in factors.items():
             w, bias = mats[part]
-            projs[part] = LowRankLinear.from_factors(a.to(w.dtype), b.to(w.dtype), bias)
+            projs[part] = LowRankLinear.from_factors(*cast_factors(a, b, w.dtype), bias)
         return RoutedMultiheadAttention.from_dense(module, projs["in_proj"], projs["out_proj"])
 
     def apply(self, module: nn.Module, rank: Any) -> nn.Module:
@@ -146,7 +173,7 @@ class MHAFactorizer(Factorizer):
 
     def apply_site(self, module: nn.Module, rank: Any, site: LayerSite):
         if not self.needs:
-            return self.apply(module, rank), {}
+            return refuse_overflow(self.apply(module, rank), module, site, self.method, rank), {}
         factors, extra = {}, {}
         for (part, (w, _)), r in zip(_matrices(module).items(), rank):
             st = _stats(site, self.method, self.needs, part)
@@ -155,7 +182,8 @@ class MHAFactorizer(Factorizer):
             factors[part] = (a, b)
             if facts:
                 extra[part] = facts
-        return self._build(module, factors), extra
+        new = refuse_overflow(self._build(module, factors), module, site, self.method, rank)
+        return new, extra
 
     def empty(self, module: nn.Module, rank: Any) -> nn.Module:
         e = module.embed_dim

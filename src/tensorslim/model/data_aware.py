@@ -15,6 +15,11 @@ Objectives (the `error` of each Option, which the global allocator sums):
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +27,7 @@ from torch import nn
 
 from tensorslim.decompose import (
     DEFAULT_SOLVER,
+    SOLVERS,
     fvd,
     fwsvd_factors,
     max_useful_rank,
@@ -30,9 +36,15 @@ from tensorslim.decompose import (
     weighted_error,
     whitened_factors,
 )
+from tensorslim.decompose.svd import cast_factors
 from tensorslim.errors import TensorSlimError
 from tensorslim.layers import LowRankConv, LowRankLinear
-from tensorslim.model.factorizers import ConvSVD, LinearSVD, MatrixSVDFactorizer
+from tensorslim.model.factorizers import (
+    ConvSVD,
+    LinearSVD,
+    MatrixSVDFactorizer,
+    refuse_overflow,
+)
 from tensorslim.model.registry import LayerSite, Option, register
 
 OBJECTIVES = ("weight", "fisher", "feature")
@@ -55,10 +67,118 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+@dataclass(frozen=True)
+class OptionSpec:
+    """What one method option accepts: a number of `kind` (float or int) above `minimum`, or a
+    str among `choices`. None always means the default."""
+
+    kind: type
+    minimum: float | None = None
+    strict: bool = False  # True: the minimum itself is refused
+    choices: tuple[str, ...] = ()
+
+    def accepted(self) -> str:
+        """What the option accepts, in words."""
+        if self.kind is str:
+            return "one of " + ", ".join(map(repr, self.choices))
+        what = "an integer" if self.kind is int else "a finite number"
+        if self.minimum is None:
+            return what
+        return f"{what} {'>' if self.strict else '>='} {self.minimum:g}"
+
+    def check(self, name: str, value: Any) -> Any:
+        """`value` as a plain float / int / str, or TensorSlimError naming the option and value."""
+        if value is None:
+            return None
+        out = self._convert(value)
+        if out is None or not self._in_range(out):
+            raise TensorSlimError(
+                f"method_options[{name!r}] must be {self.accepted()} (or None for the default "
+                f"{DEFAULTS[name]!r}); got {value!r} ({type(value).__name__})"
+            )
+        return out
+
+    def _convert(self, value: Any) -> Any:
+        if isinstance(value, bool):  # a bool is an int to Python, never a sensible option value
+            return None
+        if self.kind is str:
+            return value if isinstance(value, str) else None
+        if self.kind is int:
+            return int(value) if isinstance(value, numbers.Integral) else None
+        return float(value) if isinstance(value, numbers.Real) else None
+
+    def _in_range(self, value: Any) -> bool:
+        if self.kind is str:
+            return value in self.choices
+        if not math.isfinite(value):
+            return False
+        if self.minimum is None:
+            return True
+        return value > self.minimum if self.strict else value >= self.minimum
+
+
+# The type and range of every method option (DEFAULTS but "objective", which is its own argument).
+OPTIONS: dict[str, OptionSpec] = {
+    "eps": OptionSpec(float, 0.0, strict=True),  # keeps every FWSVD row weight positive
+    "damp": OptionSpec(float, 0.0),
+    "solver": OptionSpec(str, choices=SOLVERS),
+    "iters": OptionSpec(int, 1),
+    "tol": OptionSpec(float, 0.0),
+    "lr": OptionSpec(float, 0.0, strict=True),
+    "time_limit": OptionSpec(float, 0.0, strict=True),
+}
+
+
+def check_method_options(options: Any) -> dict[str, Any]:
+    """The method options with checked, normalised values (see OPTIONS); {} for None.
+
+    Raises TensorSlimError naming the option, its value and what it accepts, or listing the known
+    options for an unknown name."""
+    if options is None:
+        return {}
+    known = ", ".join(map(repr, OPTIONS))
+    if not isinstance(options, Mapping):
+        raise TensorSlimError(
+            "method_options must be a dict of option name -> value (known options: "
+            f"{known}); got {type(options).__name__} {options!r:.80}"
+        )
+    checked: dict[str, Any] = {}
+    for name, value in options.items():
+        spec = OPTIONS.get(name) if isinstance(name, str) else None
+        if spec is None:
+            hint = "; pass objective=... as its own argument" if name == "objective" else ""
+            raise TensorSlimError(f"unknown method_options key {name!r}; known: {known}{hint}")
+        checked[name] = spec.check(name, value)
+    return checked
+
+
 def setting(site: LayerSite, key: str) -> Any:
     """The site's value for `key`, or its default."""
     value = (site.settings or {}).get(key)
     return DEFAULTS[key] if value is None else value
+
+
+@contextmanager
+def layer_errors(method: str, site: LayerSite) -> Iterator[None]:
+    """A solver's refusal (ValueError, LinAlgError) as a TensorSlimError naming the layer."""
+    try:
+        yield
+    except TensorSlimError:
+        raise
+    except (ValueError, torch.linalg.LinAlgError) as exc:
+        raise TensorSlimError(f"method {method!r} failed on layer {site.name!r}: {exc}") from exc
+
+
+def _check_finite_stats(site: LayerSite, st: Any, need: frozenset[str]) -> None:
+    """Refuse statistics holding NaN / Inf (calibration checks each batch; a sum may overflow)."""
+    for key in ("gram", "fisher"):
+        t = getattr(st, key) if key in need else None
+        if t is not None and not bool(torch.isfinite(t).all()):
+            what = "input Gram matrix" if key == "gram" else "Fisher estimate"
+            raise TensorSlimError(
+                f"the calibration {what} of layer {site.name!r} holds NaN or Inf (its sum over "
+                "the batches overflowed?); scale the calibration data or the loss down"
+            )
 
 
 def _stats(site: LayerSite, method: str, need: frozenset[str], part: str = ""):
@@ -76,6 +196,7 @@ def _stats(site: LayerSite, method: str, need: frozenset[str], part: str = ""):
             + " and ".join(missing)
             + "; pass them to tensorslim.compress"
         )
+    _check_finite_stats(site, st, need)
     return st
 
 
@@ -224,7 +345,8 @@ class DataAwareMixin:
     implements `build(module, a, b)` (the factorized module from float factors)."""
 
     def options(self, module: nn.Module, site: LayerSite) -> list[Option]:
-        return matrix_options(self, module, site, self.method)
+        with layer_errors(self.method, site):
+            return matrix_options(self, module, site, self.method)
 
     def apply(self, module: nn.Module, rank: int) -> nn.Module:
         raise TensorSlimError(
@@ -233,6 +355,10 @@ class DataAwareMixin:
         )
 
     def apply_site(self, module: nn.Module, rank: int, site: LayerSite):
+        with layer_errors(self.method, site):
+            return self._apply_site(module, rank, site)
+
+    def _apply_site(self, module: nn.Module, rank: int, site: LayerSite):
         st = _stats(site, self.method, self.needs)
         w = self.matrix(module)
         a, b, extra = solve(self.method, w, st, rank, site)
@@ -243,7 +369,8 @@ class DataAwareMixin:
 
             total = output_error(w, torch.zeros_like(w, dtype=torch.float64), st.gram) or 1.0
             extra["rel_output_error"] = (output_error(w, w_hat, st.gram) / total) ** 0.5
-        return self.build(module, a.to(w.dtype), b.to(w.dtype)), extra
+        new = self.build(module, *cast_factors(a, b, w.dtype))
+        return refuse_overflow(new, module, site, self.method, rank), extra
 
 
 class LinearData(DataAwareMixin, LinearSVD):
@@ -293,7 +420,7 @@ class Conv1DSVD(MatrixSVDFactorizer):
     def apply(self, module, rank):
         a, b = nested_factors("svd", self.matrix(module), None, rank, LayerSite(""))
         w = module.weight
-        return self.build(module, a.to(w.dtype), b.to(w.dtype))
+        return self.build(module, *cast_factors(a, b, w.dtype))
 
     def empty(self, module, rank):
         nx, nf = module.weight.shape
@@ -328,8 +455,9 @@ def with_objective(
     st = _stats(site, factorizer.method, OBJECTIVE_NEEDS[objective])
     w = factorizer.matrix(module)
     k = max(o.rank for o in opts)
-    a, b = nested_factors("svd", w, st, k, site)
-    errs = objective_errors(objective, w, a, b, st)
+    with layer_errors(factorizer.method, site):
+        a, b = nested_factors("svd", w, st, k, site)
+        errs = objective_errors(objective, w, a, b, st)
     return [Option(o.rank, o.params, o.flops, errs[o.rank]) for o in opts]
 
 

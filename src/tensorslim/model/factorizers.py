@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,8 +14,36 @@ from tensorslim.decompose import (
     singular_values,
     tail_energy,
 )
+from tensorslim.errors import UnsupportedLayerError
 from tensorslim.layers import LowRankConv, LowRankLinear
 from tensorslim.model.registry import Factorizer, LayerSite, Option, register
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def refuse_overflow(
+    new: nn.Module, module: nn.Module, site: LayerSite, method: str, rank: Any
+) -> nn.Module:
+    """`new` (the factorized `module`), or UnsupportedLayerError naming the layer and dtype where
+    a factor does not fit the layer's dtype (a float16 layer whose factors exceed 65504 even after
+    rescaling, see decompose.svd.cast_factors and layers.tensor_conv.fit_range)."""
+    bad = [
+        n
+        for n, p in new.named_parameters()
+        if p.is_floating_point() and not bool(torch.isfinite(p).all())
+    ]
+    if not bad:
+        return new
+    dtype = next((p.dtype for p in new.parameters() if p.is_floating_point()), torch.float32)
+    name = site.name or type(module).__name__
+    raise UnsupportedLayerError(
+        f"layer {name!r} ({type(module).__name__}, {_dtype_name(dtype)}): the {method!r} factors "
+        f"at rank {rank} do not fit in {_dtype_name(dtype)} (largest finite value "
+        f"{torch.finfo(dtype).max:g}; {', '.join(bad)} overflow); compress a float32 copy of the "
+        "model, or exclude this layer"
+    )
 
 
 class MatrixSVDFactorizer(Factorizer):
@@ -67,6 +96,11 @@ class MatrixSVDFactorizer(Factorizer):
         m, n = self.matrix(module).shape
         r = min(rank_for_keep(m, n, keep), max_useful_rank(m, n))
         return r if r >= 1 else None
+
+    def apply_site(
+        self, module: nn.Module, rank: Any, site: LayerSite
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        return refuse_overflow(self.apply(module, rank), module, site, self.method, rank), {}
 
     def weight(self, module: nn.Module) -> torch.Tensor:
         return module.weight.detach()

@@ -4,8 +4,15 @@
 A layer's latency is the median time of one forward pass of the factorized structure (weights are
 irrelevant to speed, so the structure is built with `factorizer.empty`) on a random input of the
 layer's real input shape (from the example input), under torch.inference_mode, with the process's
-torch threads; the best of ROUNDS round medians, since load from other processes only adds time. Results are cached by (layer geometry, input shape, method, rank, threads), so a
-layer shape seen again (ResNet blocks, repeated compress calls) is not re-timed.
+torch threads; the best of ROUNDS round medians, since load from other processes only adds time.
+Results are cached by (layer geometry, dtype, input shape, method, rank, threads), so a layer shape
+seen again (ResNet blocks, repeated compress calls) is not re-timed.
+
+Timing is on the CPU, in the layer's dtype (float16, bfloat16, float32, float64): a layer on
+another device is timed on a CPU copy, and where the CPU has no kernel for the layer's dtype (some
+builds lack float16 / bfloat16 convolutions) it is timed in float32; `latency_dtype` says which
+one (the plan records it in the layer's extra, with `latency_dtype_note` for a fallback). The
+input model's layers are never changed: timing runs on copies or in eval mode restored afterwards.
 
 Rank rounding rule (measured in benchmarks/conv_speed.py, table "Rank rounding"): with oneDNN on
 x86 CPUs, channel counts that are multiples of 8 fill the SIMD lanes; `round_rank` rounds a rank of
@@ -15,12 +22,15 @@ are left alone. cost="latency" measures these rounded ranks first.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
 import torch
 from torch import nn
 
+from tensorslim.errors import ExampleInputError, TensorSlimError, UnsupportedLayerError
+from tensorslim.layers.attention import RoutedMultiheadAttention
 from tensorslim.model.latency import time_call
 from tensorslim.model.registry import Factorizer, LayerSite, Option
 
@@ -30,6 +40,7 @@ MIN_RUN_TIME = 0.01  # seconds of timed calls per round
 ROUNDS = 3  # the best (lowest) of this many round medians: load from other processes only adds time
 
 _CACHE: dict[tuple, float] = {}
+_DTYPE_OF: dict[tuple, torch.dtype] = {}  # cache key -> the dtype it was timed in
 
 
 def round_rank(rank: int, multiple: int = ROUND_TO) -> int:
@@ -51,24 +62,108 @@ def _signature(module: nn.Module) -> tuple:
         tuple(w.shape) if isinstance(w, torch.Tensor) else None,
         getattr(module, "bias", None) is not None,
         tuple(str(getattr(module, k, None)) for k in keys),
+        str(_dtype(module)),
     )
 
 
-def _time(layer: nn.Module, input_shape: tuple[int, ...], min_run_time: float) -> float:
-    layer = layer.eval()
-    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        layer(x)  # warm-up (oneDNN primitive creation)
-        return min(time_call(lambda: layer(x), min_run_time) for _ in range(ROUNDS))
+def _dtype(module: nn.Module) -> torch.dtype:
+    """The floating dtype of the layer's parameters (float32 if it has none)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# (layer type name, its dtype) -> the dtype it was timed in (float32 where the CPU lacked a kernel)
+_TIMED_IN: dict[tuple[str, torch.dtype], torch.dtype] = {}
+
+
+def _hashable(rank: Any) -> Any:
+    """A cache key for a rank: ints, tuples, lists (MHA) and dicts (RNN, {matrix: rank})."""
+    if isinstance(rank, dict):
+        return tuple(sorted((str(k), _hashable(v)) for k, v in rank.items()))
+    if isinstance(rank, (list, tuple)):
+        return tuple(_hashable(r) for r in rank)
+    return rank
+
+
+def _on_cpu(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`layer` itself when it is already on the CPU in `dtype`, else a CPU copy in `dtype`."""
+    tensors = [*layer.parameters(), *layer.buffers()]
+    if all(
+        t.device.type == "cpu" and (t.dtype == dtype or not t.is_floating_point()) for t in tensors
+    ):
+        return layer
+    return copy.deepcopy(layer).to(device="cpu", dtype=dtype)
+
+
+def _call(layer: nn.Module, x: torch.Tensor):
+    """One forward of `layer` on `x`; attention runs as self-attention (query = key = value)."""
+    if isinstance(layer, (nn.MultiheadAttention, RoutedMultiheadAttention)):
+        return lambda: layer(x, x, x, need_weights=False)
+    return lambda: layer(x)
+
+
+def _time_in(layer: nn.Module, input_shape: tuple[int, ...], dtype, min_run_time: float) -> float:
+    layer = _on_cpu(layer, dtype)
+    was_training = layer.training
+    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    layer.eval()  # restored below: the input model's layers are timed in place
+    try:
+        with torch.inference_mode():
+            run = _call(layer, x)
+            run()  # warm-up (oneDNN primitive creation)
+            return min(time_call(run, min_run_time) for _ in range(ROUNDS))
+    finally:
+        layer.train(was_training)
+
+
+def _time(
+    layer: nn.Module, input_shape: tuple[int, ...], min_run_time: float
+) -> tuple[float, torch.dtype]:
+    """(milliseconds per forward, the dtype timed in): on the CPU in the layer's dtype, or in
+    float32 where the CPU has no kernel for it (remembered per layer type in _TIMED_IN)."""
+    dtype = _dtype(layer)
+    key = (type(layer).__name__, dtype)
+    if _TIMED_IN.get(key, dtype) == dtype:
+        try:
+            ms = _time_in(layer, input_shape, dtype, min_run_time)
+            _TIMED_IN[key] = dtype
+            return ms, dtype
+        except (RuntimeError, NotImplementedError):
+            if dtype in (torch.float32, torch.float64):
+                raise
+            _TIMED_IN[key] = torch.float32  # e.g. "... not implemented for 'Half'"
+    return _time_in(layer, input_shape, torch.float32, min_run_time), torch.float32
+
+
+def _dense_key(module: nn.Module, input_shape: tuple[int, ...]) -> tuple:
+    return (_signature(module), tuple(input_shape), "dense", None, torch.get_num_threads())
+
+
+def _factorized_key(
+    factorizer: Factorizer, module: nn.Module, rank: Any, input_shape: tuple[int, ...]
+) -> tuple:
+    return (
+        _signature(module),
+        tuple(input_shape),
+        factorizer.method,
+        _hashable(rank),
+        torch.get_num_threads(),
+    )
 
 
 def dense_latency(
     module: nn.Module, input_shape: tuple[int, ...], min_run_time: float = MIN_RUN_TIME
 ) -> float:
     """Milliseconds per forward of the dense layer on `input_shape` (cached)."""
-    key = (_signature(module), tuple(input_shape), "dense", None, torch.get_num_threads())
+    key = _dense_key(module, input_shape)
     if key not in _CACHE:
-        _CACHE[key] = _time(module, input_shape, min_run_time)
+        _CACHE[key], _DTYPE_OF[key] = _time(module, input_shape, min_run_time)
     return _CACHE[key]
 
 
@@ -80,20 +175,48 @@ def factorized_latency(
     min_run_time: float = MIN_RUN_TIME,
 ) -> float:
     """Milliseconds per forward of `factorizer`'s structure at `rank` on `input_shape` (cached)."""
-    key = (
-        _signature(module),
-        tuple(input_shape),
-        factorizer.method,
-        rank,
-        torch.get_num_threads(),
-    )
+    key = _factorized_key(factorizer, module, rank, input_shape)
     if key not in _CACHE:
-        _CACHE[key] = _time(factorizer.empty(module, rank), input_shape, min_run_time)
+        layer = factorizer.empty(module, rank)
+        _CACHE[key], _DTYPE_OF[key] = _time(layer, input_shape, min_run_time)
     return _CACHE[key]
 
 
 def clear_cache() -> None:
     _CACHE.clear()
+    _DTYPE_OF.clear()
+    _TIMED_IN.clear()
+
+
+def latency_dtype_facts(module: nn.Module, *keys: tuple) -> dict[str, str]:
+    """For the plan: `latency_dtype`, the dtype the layer was timed in (the dense layer and its
+    factorization, cache keys `keys`), and `latency_dtype_note` where that is float32 because the
+    CPU had no kernel for the layer's own dtype."""
+    own = _dtype(module)
+    used = {_DTYPE_OF.get(k, own) for k in keys} or {own}
+    dtype = torch.float32 if torch.float32 in used else own
+    facts = {"latency_dtype": _name(dtype)}
+    if dtype != own:
+        facts["latency_dtype_note"] = (
+            f"timed in float32: this CPU has no {_name(own)} kernel for this layer or its "
+            "factorization"
+        )
+    return facts
+
+
+def _measured(site: LayerSite, module: nn.Module, what: str, fn):
+    """Run a timing; a layer that cannot be timed on the CPU is refused with its name."""
+    try:
+        return fn()
+    except TensorSlimError:
+        raise
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
+        raise UnsupportedLayerError(
+            f"layer {site.name!r} ({type(module).__name__}, {_name(_dtype(module))}): cannot "
+            f"measure the CPU latency of {what} on input shape {list(site.input_shape)} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); use "
+            "cost='params' or cost='flops'"
+        ) from e
 
 
 def _thin(opts: list[Option], n: int) -> list[Option]:
@@ -122,17 +245,26 @@ def latency_options(
     Option.method) each is timed with its own method's structure.
     """
     if site.input_shape is None:
-        raise ValueError(f"layer {site.name!r} did not run on the example input")
+        raise ExampleInputError(
+            f"layer {site.name!r} did not run on the example input, so its CPU latency cannot be "
+            "measured; give an example input that runs it, or exclude it"
+        )
     from tensorslim.model.registry import find
 
-    dense = dense_latency(module, site.input_shape)
+    shape = site.input_shape
+    dense = _measured(site, module, "the dense layer", lambda: dense_latency(module, shape))
     timed = []
     for o in _thin(opts, MAX_MEASURED):
         if o.method:
             f, rank = find(module, o.method), o.rank[1]
         else:
             f, rank = factorizer, o.rank
-        ms = factorized_latency(f, module, rank, site.input_shape)
+        ms = _measured(
+            site,
+            module,
+            f"its {f.method!r} factorization at rank {rank}",
+            lambda f=f, rank=rank: factorized_latency(f, module, rank, shape),
+        )
         if ms < dense:
             timed.append((ms, o))
     timed.sort(key=lambda t: (t[0], t[1].error))
@@ -150,12 +282,20 @@ def flag_latency(
     """Facts for the plan: the factorized and dense latencies, and whether it is slower."""
     if site.input_shape is None:
         return {}
-    dense = dense_latency(module, site.input_shape)
-    ms = factorized_latency(factorizer, module, rank, site.input_shape)
+    shape = site.input_shape
+    dense = _measured(site, module, "the dense layer", lambda: dense_latency(module, shape))
+    ms = _measured(
+        site,
+        module,
+        f"its {factorizer.method!r} factorization at rank {rank}",
+        lambda: factorized_latency(factorizer, module, rank, shape),
+    )
+    keys = (_dense_key(module, shape), _factorized_key(factorizer, module, rank, shape))
     facts = {
         "latency_ms": round(ms, 4),
         "dense_latency_ms": round(dense, 4),
-        "input_shape": list(site.input_shape),
+        "input_shape": list(shape),
+        **latency_dtype_facts(module, *keys),
     }
     if ms >= dense:
         facts["slower_than_dense"] = True

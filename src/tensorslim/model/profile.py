@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from tensorslim.errors import ExampleInputError, NonFiniteWeightError
+from tensorslim.errors import ExampleInputError, NonFiniteWeightError, TensorSlimError
 from tensorslim.layers import FactorizedConv, LowRankConv, LowRankLinear, LowRankRNN
 from tensorslim.model import registry
-from tensorslim.model.registry import Factorizer, LayerSite, is_registered_type, resolve
+from tensorslim.model.registry import (
+    Factorizer,
+    LayerSite,
+    is_registered_type,
+    resolve,
+    short_repr,
+)
 
 # Layers produced by tensorslim: never searched again for compressible children.
 FACTORIZED_TYPES: tuple[type[nn.Module], ...] = (
@@ -37,7 +43,10 @@ OPAQUE_TYPES: dict[type[nn.Module], str] = {
 
 @dataclass
 class LayerInfo:
-    """One layer found in a model, with why it is (not) compressible."""
+    """One layer found in a model, with why it is (not) compressible.
+
+    A module used at several places (`self.b = self.a`) is one layer: `name` is its first name,
+    `aliases` the others; it is factorized once and the replacement set at every name."""
 
     name: str
     module: nn.Module
@@ -46,6 +55,13 @@ class LayerInfo:
     site: LayerSite
     # Set when another method handles this layer (a tensor method on a Linear: the matrix SVD).
     note: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    # False when include / exclude left the layer out.
+    selected: bool = True
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name, *self.aliases]
 
     @property
     def type_name(self) -> str:
@@ -73,11 +89,88 @@ class LayerInfo:
         return None
 
 
+class ModelIndex:
+    """Every name of every module of a model, and every module holding each parameter (shared
+    modules and tied parameters, as in a language model's head tied to its embedding)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names: dict[int, list[str]] = {}
+        self.holders: dict[int, list[tuple[int, str]]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            self.names.setdefault(id(module), []).append(name)
+            for p_name, p in module._parameters.items():
+                if p is not None:
+                    full = f"{name}.{p_name}" if name else p_name
+                    self.holders.setdefault(id(p), []).append((id(module), full))
+
+    def names_of(self, module: nn.Module) -> list[str]:
+        return self.names.get(id(module), [])
+
+    def tie_reason(self, module: nn.Module) -> str | None:
+        """Why `module` must stay dense when one of its parameters is also held by a module
+        outside it (factorizing it would silently untie the two); None if none is."""
+        inside = {id(m) for m in module.modules()}
+        for local, p in module.named_parameters():
+            outside = [n for owner, n in self.holders.get(id(p), []) if owner not in inside]
+            if outside:
+                return f"{local} tied to {outside[0]}, which stays dense"
+        return None
+
+
 def _matches(name: str, patterns: Sequence[str] | None) -> str | None:
     for p in patterns or ():
         if fnmatch.fnmatchcase(name, p):
             return p
     return None
+
+
+def check_patterns(what: str, patterns: Any) -> list[str] | None:
+    """`include` / `exclude` as a list of fnmatch patterns: None, one str, or a sequence of str."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        return [patterns]
+    accepted = f"{what} must be a str or a sequence of str (fnmatch patterns on layer names)"
+    if isinstance(patterns, (bytes, dict)) or not isinstance(patterns, Iterable):
+        raise TensorSlimError(f"{accepted}; got {type(patterns).__name__} {short_repr(patterns)}")
+    items = list(patterns)
+    for i, p in enumerate(items):
+        if not isinstance(p, str):
+            raise TensorSlimError(f"{accepted}; item {i} is {type(p).__name__} {short_repr(p)}")
+    return items
+
+
+def layer_modules(model: nn.Module) -> dict[int, tuple[nn.Module, list[str]]]:
+    """The modules `find_layers` reports (layers, not the containers around them), each with all
+    its names in module order: id(module) -> (module, names). The model itself is one when it is
+    a layer."""
+    found: dict[int, tuple[nn.Module, list[str]]] = {}
+
+    def visit(module: nn.Module, name: str, path: frozenset[int]) -> None:
+        if id(module) in found:
+            found[id(module)][1].append(name)
+            return
+        children = [(n, c) for n, c in module._modules.items() if c is not None]
+        leaf = not children and any(p.ndim >= 2 for p in module.parameters(recurse=False))
+        if _stops_search(module) or leaf:
+            found[id(module)] = (module, [name])
+            return
+        inner = path | {id(module)}
+        for child_name, child in children:
+            if id(child) not in inner:  # a module holding itself would recurse forever
+                visit(child, f"{name}.{child_name}" if name else child_name, inner)
+
+    visit(model, "", frozenset())
+    return found
+
+
+def _stops_search(module: nn.Module) -> bool:
+    """Factorized, opaque and registered layers are reported whole, never searched inside."""
+    return (
+        isinstance(module, FACTORIZED_TYPES)
+        or any(isinstance(module, t) for t in OPAQUE_TYPES)
+        or is_registered_type(module)
+    )
 
 
 def find_layers(
@@ -87,65 +180,75 @@ def find_layers(
     exclude: Sequence[str] | None = None,
 ) -> list[LayerInfo]:
     """Every layer with a weight matrix, in module order, each with its factorizer or the reason
-    it stays dense. `include` / `exclude` are fnmatch patterns on dotted names ("features.*").
+    it stays dense. `include` / `exclude` are fnmatch patterns on dotted names ("features.*");
+    the model itself is named "" when it is a layer.
 
+    A module used at several places is listed once with its other names as `aliases`. A layer
+    sharing a parameter with a module outside it (a tied weight) stays dense.
     Raises NonFiniteWeightError if a selected layer's weight holds NaN or Inf.
     """
-    if isinstance(include, str):
-        include = [include]
-    if isinstance(exclude, str):
-        exclude = [exclude]
-    found: list[LayerInfo] = []
-
-    def visit(module: nn.Module, name: str) -> None:
-        if name and isinstance(module, FACTORIZED_TYPES):
-            found.append(LayerInfo(name, module, None, "already factorized", LayerSite(name)))
-            return
-        opaque = next((r for t, r in OPAQUE_TYPES.items() if isinstance(module, t)), None)
-        if opaque is not None and registry.find(module, method) is None:
-            found.append(LayerInfo(name, module, None, opaque, LayerSite(name)))
-            return
-        if name and is_registered_type(module):
-            found.append(_classify(module, name, method, include, exclude))
-            return
-        children = list(module.named_children())
-        if name and not children and any(p.ndim >= 2 for p in module.parameters(recurse=False)):
-            reason = f"no factorizer registered for {type(module).__name__}"
-            found.append(LayerInfo(name, module, None, reason, LayerSite(name)))
-        for child_name, child in children:
-            visit(child, f"{name}.{child_name}" if name else child_name)
-
-    visit(model, "")
+    include = check_patterns("include", include)
+    exclude = check_patterns("exclude", exclude)
+    index = ModelIndex(model)
+    found = []
+    for module, names in layer_modules(model).values():
+        info = _classify(module, names, method, include, exclude)
+        if info.compressible:
+            info.reason = sharing_reason(module, names, index)
+            if info.reason is None:
+                _check_finite(info)
+        found.append(info)
     return found
+
+
+def sharing_reason(module: nn.Module, names: list[str], index: ModelIndex) -> str | None:
+    """Why a layer shared in a way its replacement cannot follow stays dense, else None."""
+    hidden = [n for n in index.names_of(module) if n not in names]
+    if hidden:  # e.g. also a child of an nn.MultiheadAttention, which reads it directly
+        return f"also used as {hidden[0]!r} inside another layer, which stays dense"
+    return index.tie_reason(module)
 
 
 def _classify(
     module: nn.Module,
-    name: str,
+    names: list[str],
     method: str,
     include: Sequence[str] | None,
     exclude: Sequence[str] | None,
 ) -> LayerInfo:
+    name, aliases = names[0], names[1:]
+
+    def info(factorizer, reason, note=None, selected=True) -> LayerInfo:
+        return LayerInfo(name, module, factorizer, reason, LayerSite(name), note, aliases, selected)
+
+    if isinstance(module, FACTORIZED_TYPES):
+        return info(None, "already factorized")
+    opaque = next((r for t, r in OPAQUE_TYPES.items() if isinstance(module, t)), None)
+    if opaque is not None and registry.find(module, method) is None:
+        return info(None, opaque)
+    if not is_registered_type(module):
+        return info(None, f"no factorizer registered for {type(module).__name__}")
     factorizer, note = resolve(module, method)
-    site = LayerSite(name)
     if factorizer is None:
-        reason = f"method {method!r} does not support {type(module).__name__}"
-        return LayerInfo(name, module, None, reason, site)
-    if include and _matches(name, include) is None:
-        return LayerInfo(name, module, factorizer, "not matched by --include", site)
-    hit = _matches(name, exclude)
+        return info(None, f"method {method!r} does not support {type(module).__name__}")
+    if include and not any(_matches(n, include) for n in names):
+        return info(factorizer, "not matched by --include", selected=False)
+    hit = next((h for n in names if (h := _matches(n, exclude)) is not None), None)
     if hit is not None:
-        return LayerInfo(name, module, factorizer, f"excluded by pattern {hit!r}", site)
-    reason = factorizer.unsupported_reason(module)
-    if reason is None:
-        w = factorizer.weight(module)
-        if not torch.isfinite(w).all():
-            bad = int((~torch.isfinite(w)).sum())
+        return info(factorizer, f"excluded by pattern {hit!r}", selected=False)
+    return info(factorizer, factorizer.unsupported_reason(module), note)
+
+
+def _check_finite(info: LayerInfo) -> None:
+    """NonFiniteWeightError naming the layer and parameter (weights, biases, RNN gates) if any
+    floating-point parameter of a selected layer holds NaN or Inf."""
+    for pname, p in info.module.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            bad = int((~torch.isfinite(p)).sum())
             raise NonFiniteWeightError(
-                f"layer {name!r} ({type(module).__name__}) has {bad} NaN/Inf weight values; "
+                f"layer {info.name!r} ({info.type_name}) has {bad} NaN/Inf values in {pname!r}; "
                 "fix or exclude it (exclude=[...] / --exclude)"
             )
-    return LayerInfo(name, module, factorizer, reason, site, note)
 
 
 def run_model(model: nn.Module, example_input: Any) -> Any:

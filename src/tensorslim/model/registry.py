@@ -100,6 +100,55 @@ class Factorizer(ABC):
     def reconstructed_weight(self, factorized: nn.Module) -> torch.Tensor:
         """The dense weight the factorized module computes with, shaped like `weight`."""
 
+    def check_rank(self, module: nn.Module, rank: Any) -> str | None:
+        """None if `rank` is a valid rank of this method for `module`, else what is wrong and what
+        is accepted (apply_plan raises InvalidRankError with the layer's name).
+
+        Default: a matrix factorizer (one with `matrix(module)`) takes an integer in [1, min(m, n)].
+        Factorizers with other ranks should override it; for them the default accepts any rank
+        made of integers in [1, the dense layer's parameter count] (apply_plan also dry-builds the
+        structure on the meta device, which bounds its size)."""
+        matrix = getattr(self, "matrix", None)
+        if callable(matrix):
+            return int_rank_problem(rank, min(matrix(module).shape))
+        return rank_leaves_problem(rank, self.dense_params(module))
+
+
+def is_int(value: Any) -> bool:
+    """True for an int that is not a bool (JSON's true would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def int_rank_problem(rank: Any, full: int) -> str | None:
+    """None if `rank` is an integer in [1, full], else what is accepted."""
+    if is_int(rank) and 1 <= rank <= full:
+        return None
+    return f"rank must be an integer in [1, {full}] (the full rank); got {short_repr(rank)}"
+
+
+def rank_leaves_problem(rank: Any, limit: int) -> str | None:
+    """None if `rank` is an integer in [1, limit], a list of them, or a mapping of names to such
+    an integer or None with at least one integer; else what is accepted."""
+    if isinstance(rank, dict):
+        leaves = [v for v in rank.values() if v is not None]
+        ok = all(isinstance(k, str) for k in rank)
+    elif isinstance(rank, (list, tuple)):
+        leaves, ok = list(rank), True
+    else:
+        leaves, ok = [rank], True
+    if ok and leaves and all(is_int(v) and 1 <= v <= limit for v in leaves):
+        return None
+    return (
+        f"rank must be an integer in [1, {limit}], a list of them, or an object mapping matrix "
+        f"names to such an integer or null (at least one integer); got {short_repr(rank)}"
+    )
+
 
 _REGISTRY: dict[tuple[type[nn.Module], str], Factorizer] = {}
 # Types of optional libraries registered by qualified name ("transformers.pytorch_utils.Conv1D"),

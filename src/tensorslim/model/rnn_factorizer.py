@@ -22,7 +22,15 @@ from torch import nn
 
 from tensorslim.decompose import max_useful_rank, singular_values, tail_energy
 from tensorslim.layers.lowrank_rnn import LowRankRNN, choose_impl, rnn_matrices
-from tensorslim.model.registry import Factorizer, LayerSite, Option, register
+from tensorslim.model.factorizers import refuse_overflow
+from tensorslim.model.registry import (
+    Factorizer,
+    LayerSite,
+    Option,
+    is_int,
+    register,
+    short_repr,
+)
 
 
 class RNNSVD(Factorizer):
@@ -141,13 +149,44 @@ class RNNSVD(Factorizer):
         ]
         return fits[-1].rank if fits else None
 
+    def check_rank(self, module: nn.Module, rank: Any) -> str | None:
+        """An object {matrix name: rank or null (dense)} over `rnn_matrices(module)` (a matrix it
+        leaves out stays dense), each rank an integer in [1, min(m, n)] of its matrix, at least
+        one integer."""
+        full = {n: min(getattr(module, n).shape) for n in rnn_matrices(module)}
+        if len(set(full.values())) == 1:
+            bounds = f"{', '.join(full)}, each in [1, {next(iter(full.values()))}]"
+        else:
+            bounds = ", ".join(f"{n} in [1, {f}]" for n, f in full.items())
+        form = (
+            "rank must be an object mapping weight matrices to an integer rank or null (dense), "
+            f"with at least one integer: {bounds} (the full ranks)"
+        )
+        got = f"got {short_repr(rank, 120)}"
+        if not isinstance(rank, dict):
+            return f"{form}; {got}"
+        unknown = [k for k in rank if k not in full]
+        if unknown:
+            kind = type(module).__name__
+            return f"no weight matrix named {short_repr(unknown)} in this {kind}; {form}; {got}"
+        for n, r in rank.items():
+            if r is not None and not (is_int(r) and 1 <= r <= full[n]):
+                return (
+                    f"the rank of {n} must be null or an integer in [1, {full[n]}] (the full "
+                    f"rank of its {'x'.join(map(str, getattr(module, n).shape))} matrix); "
+                    f"got {short_repr(r)}"
+                )
+        if all(r is None for r in rank.values()):
+            return f"{form}; {got}"
+        return None
+
     def apply(self, module: nn.Module, rank: Any) -> nn.Module:
         return LowRankRNN.from_dense(module, dict(rank))
 
     def apply_site(
         self, module: nn.Module, rank: Any, site: LayerSite
     ) -> tuple[nn.Module, dict[str, Any]]:
-        new = self.apply(module, rank)
+        new = refuse_overflow(self.apply(module, rank), module, site, self.method, rank)
         why = "too small to gain: no rank r gives r(m+n) < mn"
         extra: dict[str, Any] = {"impl": new.impl}
         small = self.small_matrices(module)

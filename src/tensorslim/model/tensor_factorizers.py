@@ -35,13 +35,17 @@ from torch import nn
 
 from tensorslim.decompose.tensor import (
     Decomposition,
+    compute_dtype,
     cp_params,
     cp_rank_for_keep,
     spatial_svd_errors,
     spatial_svd_params,
     spatial_svd_rank_for_keep,
+    tt_feasible,
+    tt_full_ranks,
     tt_params,
     tt_ranks_for_keep,
+    tucker2_full_ranks,
     tucker2_params,
     tucker2_ranks_for_keep,
 )
@@ -53,7 +57,30 @@ from tensorslim.layers.tensor_conv import (
     TTConv,
     Tucker2Conv,
 )
-from tensorslim.model.registry import Factorizer, LayerSite, Option, find
+from tensorslim.model.factorizers import refuse_overflow
+from tensorslim.model.registry import (
+    Factorizer,
+    LayerSite,
+    Option,
+    find,
+    is_int,
+    short_repr,
+)
+
+
+def _ints_within(rank: Any, full: tuple[int, ...]) -> bool:
+    """True if `rank` is a list or tuple of len(full) integers (not bools), r_j in [1, full[j]]."""
+    return (
+        isinstance(rank, (list, tuple))
+        and len(rank) == len(full)
+        and all(is_int(r) and 1 <= r <= f for r, f in zip(rank, full))
+    )
+
+
+def _tt_order(bonds: int) -> str:
+    """The axis order of the kernel's tensor train: (in, kh, kw, out) or (in, k, out)."""
+    return "(in, kh, kw, out)" if bonds == 3 else "(in, k, out)"
+
 
 GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9)
 BIG_GRID = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
@@ -64,8 +91,11 @@ _CACHE: OrderedDict[tuple, Decomposition] = OrderedDict()
 
 
 def _fingerprint(w: torch.Tensor) -> str:
-    data = w.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-    return hashlib.blake2b(data, digest_size=16).hexdigest() + str(tuple(w.shape))
+    """Content hash of a kernel in the dtype it is decomposed in (float64 kernels are decomposed in
+    float64, every other dtype in float32), with that dtype and the shape."""
+    dtype = compute_dtype(w.dtype)
+    data = w.detach().to("cpu", dtype).contiguous().numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest() + f"{tuple(w.shape)}{dtype}"
 
 
 def clear_cache() -> None:
@@ -78,8 +108,9 @@ def chain_flops(layer: nn.Module, input_shape: tuple[int, ...]) -> int:
     convs applied in order) on `input_shape`, traced on the meta device."""
     if any(p.device.type != "meta" for p in layer.parameters()):
         layer = copy.deepcopy(layer).to("meta")
+    dtype = next((p.dtype for p in layer.parameters()), torch.float32)
     flops = 0
-    x = torch.empty(input_shape, device="meta")
+    x = torch.empty(input_shape, device="meta", dtype=dtype)
     for conv in list(layer.children()) or [layer]:
         x = conv(x)
         flops += 2 * x.numel() * conv.weight[0].numel()
@@ -205,7 +236,7 @@ class TensorConvFactorizer(Factorizer):
     def apply_site(
         self, module: nn.Module, rank: Any, site: LayerSite
     ) -> tuple[nn.Module, dict[str, Any]]:
-        layer = self.apply(module, rank)
+        layer = refuse_overflow(self.apply(module, rank), module, site, self.method, rank)
         return layer, dict(layer.decomposition_info)
 
     def empty(self, module: nn.Module, rank: Any) -> nn.Module:
@@ -231,6 +262,19 @@ class ConvCP(TensorConvFactorizer):
 
     def _rank_for_keep_shape(self, shape, keep, extra):
         return cp_rank_for_keep(shape, keep, extra) or None
+
+    def check_rank(self, module: nn.Module, rank: Any) -> str | None:
+        """An integer R in [1, the largest R whose R(out + in + sum k) parameters stay below the
+        dense layer's] (the same bound as the options and `unsupported_reason`)."""
+        top = self.rank_for_keep(module, 1.0 - 1e-9) or 0
+        if is_int(rank) and 1 <= rank <= top:
+            return None
+        sizes = "out + in + kh + kw" if len(module.kernel_size) == 2 else "out + in + k"
+        return (
+            f"rank must be an integer in [1, {top}] (the largest CP rank R whose R({sizes}) "
+            f"parameters stay below the dense layer's {self.dense_params(module)}); "
+            f"got {short_repr(rank)}"
+        )
 
 
 class ConvTucker2(TensorConvFactorizer):
@@ -269,6 +313,17 @@ class ConvTucker2(TensorConvFactorizer):
     def _rank_for_keep_shape(self, shape, keep, extra):
         return tucker2_ranks_for_keep(shape, keep, extra)
 
+    def check_rank(self, module: nn.Module, rank: Any) -> str | None:
+        """2 integers (r_out, r_in), each at most its full rank (`tucker2_full_ranks`)."""
+        full = tucker2_full_ranks(tuple(module.weight.shape))
+        if _ints_within(rank, full):
+            return None
+        return (
+            "rank must be 2 integers (r_out, r_in: the output and input channel ranks) with "
+            f"r_out in [1, {full[0]}] and r_in in [1, {full[1]}] (the full ranks); "
+            f"got {short_repr(rank)}"
+        )
+
 
 class ConvTT(TensorConvFactorizer):
     """Tensor-train by TT-SVD; ranks (r1, r2, r3) for Conv2d, (r1, r2) for Conv1d."""
@@ -280,6 +335,29 @@ class ConvTT(TensorConvFactorizer):
 
     def _rank_for_keep_shape(self, shape, keep, extra):
         return tt_ranks_for_keep(shape, keep, extra)
+
+    def check_rank(self, module: nn.Module, rank: Any) -> str | None:
+        """One integer per inner bond of the (in, *k, out) train, r_j in [1, full_j]
+        (`tt_full_ranks`), that TT-SVD can produce (`tt_feasible`)."""
+        shape = tuple(module.weight.shape)
+        full = tt_full_ranks(shape)
+        n = len(full)
+        if not _ints_within(rank, full):
+            names = ", ".join(f"r{j + 1}" for j in range(n))
+            bounds = ", ".join(f"r{j + 1} in [1, {f}]" for j, f in enumerate(full))
+            return (
+                f"rank must be {n} ranks ({names}: the TT bond ranks of the kernel ordered "
+                f"{_tt_order(n)}), integers with {bounds} (the full TT ranks); "
+                f"got {short_repr(rank)}"
+            )
+        reachable = tt_feasible(shape, tuple(rank))
+        if reachable != tuple(rank):
+            return (
+                f"TT ranks {short_repr(rank)} are not reachable by TT-SVD for kernel {list(shape)} "
+                "(need r_j <= r_(j-1) n_j and r_j <= n_(j+1) r_(j+1), n the sizes of "
+                f"{_tt_order(n)}); the largest reachable ranks within them are {list(reachable)}"
+            )
+        return None
 
 
 class ConvSpatialSVD(TensorConvFactorizer):
@@ -293,6 +371,25 @@ class ConvSpatialSVD(TensorConvFactorizer):
             if svd is not None:
                 return svd, "Conv1d has one spatial axis: 'spatial_svd' is the matrix SVD here"
         return super().delegate(module)
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        if module.weight.ndim != 4:
+            return (
+                "'spatial_svd' needs a kernel with two spatial axes (Conv2d); on a "
+                f"{type(module).__name__} it is the matrix SVD: use method 'svd'"
+            )
+        return super().unsupported_reason(module)
+
+    def check_rank(self, module: nn.Module, rank: Any) -> str | None:
+        """An integer in [1, min(in kh, out kw)], the rank of M[(i, h), (o, w)] = K[o, i, h, w]."""
+        out, inp, kh, kw = module.weight.shape
+        full = min(inp * kh, out * kw)
+        if is_int(rank) and 1 <= rank <= full:
+            return None
+        return (
+            f"rank must be an integer in [1, {full}] (the full rank of the spatial-SVD matrix, "
+            f"(in*kh) x (out*kw) = {inp * kh}x{out * kw}); got {short_repr(rank)}"
+        )
 
     def _params(self, shape, rank):
         return spatial_svd_params(shape, int(rank))
@@ -417,6 +514,23 @@ class ConvAuto(Factorizer):
         budget = keep * self.dense_params(module)
         fits = [o for o in self.options(module, LayerSite("")) if o.params <= budget]
         return fits[-1].rank if fits else None
+
+    def check_rank(self, module: nn.Module, rank: Any) -> str | None:
+        """[method, rank] (a list, as JSON gives it back, or a tuple): method one of the methods
+        pooled for this layer (`_members`), rank valid for that method's factorizer."""
+        members = {f.method: f for f in self._members(module)}
+        form = (
+            f"rank must be [method, rank] with method one of {list(members)} (the methods 'auto' "
+            "pools for this layer) and rank a valid rank of that method"
+        )
+        if not (isinstance(rank, (list, tuple)) and len(rank) == 2):
+            return f"{form}; got {short_repr(rank)}"
+        method, r = rank
+        f = members.get(method) if isinstance(method, str) else None
+        if f is None:
+            return f"{form}; got method {short_repr(method)}"
+        why = f.check_rank(module, r)
+        return None if why is None else f"method {method!r}: {why}"
 
     def apply(self, module: nn.Module, rank: Any) -> nn.Module:
         method, r = rank

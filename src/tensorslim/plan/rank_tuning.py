@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,71 @@ def _matrices(model: nn.Module, include, exclude) -> list[tuple[TunedMatrix, Any
     return [(t, f) for t, f in out if t.r_max > 0]
 
 
+def _real(value: Any) -> float | None:
+    """`value` as a float if it is a real number (Python, numpy or a one-element torch tensor),
+    None for anything else: bools, strings, None, complex, several elements."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            return None
+        return float(value.detach().reshape(()))
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a 0-d numpy array
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None  # numpy's bool_ is no numbers.Real either
+    return float(value)
+
+
+def _check_targets(targets: Any) -> list[float]:
+    """Sorted distinct targets: one number or an iterable of finite numbers >= 0."""
+    accepted = "a number or a list of finite numbers >= 0 (tolerated relative metric losses)"
+    one = _real(targets)
+    if one is not None:
+        items: list[Any] = [targets]
+    elif isinstance(targets, (str, bytes)) or not isinstance(targets, Iterable):
+        raise TensorSlimError(f"targets must be {accepted}; got {targets!r}")
+    else:
+        items = list(targets)
+    if not items:
+        raise TensorSlimError(f"targets must be {accepted}; got an empty {type(targets).__name__}")
+    out = []
+    for t in items:
+        v = _real(t)
+        if v is None or not math.isfinite(v) or v < 0:
+            raise TensorSlimError(f"targets must be {accepted}; got {t!r} in {targets!r}")
+        out.append(v)
+    return sorted(set(out))
+
+
+def _check_arguments(metric: Any, higher_is_better: Any, search: Any) -> None:
+    if not callable(metric):
+        raise TensorSlimError(
+            f"metric must be a function metric(model) -> float; got {type(metric).__name__}"
+        )
+    if not isinstance(higher_is_better, bool):
+        raise TensorSlimError(f"higher_is_better must be True or False; got {higher_is_better!r}")
+    if not isinstance(search, str) or search not in ("bisect", "scan"):
+        raise TensorSlimError(f"search must be 'bisect' or 'scan'; got {search!r}")
+
+
+def _metric_value(raw: Any, step: str, higher_is_better: bool, baseline: bool) -> float:
+    """The metric's result as a float, or TensorSlimError naming what it returned at `step`.
+
+    NaN is always refused, and so is an infinite baseline (no threshold can be derived from it) or
+    an infinitely *good* value; an infinitely bad one (e.g. an overflowing perplexity at rank 1)
+    is a legitimate miss of every target."""
+    value = _real(raw)
+    if value is None:
+        problem = f"{type(raw).__name__} {raw!r:.80}"
+    elif math.isnan(value) or (math.isinf(value) and (baseline or (value > 0) == higher_is_better)):
+        problem = f"{value}"
+    else:
+        return value
+    raise TensorSlimError(
+        f"the metric returned {problem} at {step}; metric(model) must return a finite real "
+        "number (a float, int, or one-element numpy / torch value)"
+    )
+
+
 def rank_tuning(
     model: nn.Module,
     metric: Callable[[nn.Module], float],
@@ -121,27 +187,26 @@ def rank_tuning(
     target, every chosen rank r becomes min(ceil(s * r), r_max) with the smallest scale s found by
     bisection (monotone in s assumed) that meets it; if even every tuned matrix at r_max misses it,
     the target's matrices stay dense. These metric calls are counted in `evaluations`.
+
+    Raises TensorSlimError for targets that are not finite numbers >= 0, and for a metric result
+    that is not a real number, is NaN, or is infinite at the baseline or in the good direction
+    (the message names the step: baseline, matrix at a rank, joint check or final evaluation).
     """
-    if search not in ("bisect", "scan"):
-        raise TensorSlimError(f"search must be 'bisect' or 'scan'; got {search!r}")
-    targets = sorted({float(t) for t in targets})
-    if not targets or any(t < 0 for t in targets):
-        raise TensorSlimError(f"targets must be tolerated relative losses >= 0; got {targets}")
+    _check_arguments(metric, higher_is_better, search)
+    targets = _check_targets(targets)
     work = copy.deepcopy(model)
     was_training = work.training
     work.eval()
     evaluations = 0
 
-    def run_metric() -> float:
+    def run_metric(step: str, baseline: bool = False) -> float:
         nonlocal evaluations
         evaluations += 1
         with torch.no_grad():
-            value = float(metric(work))
-        if value != value:  # NaN
-            raise TensorSlimError("the metric returned NaN")
-        return value
+            raw = metric(work)
+        return _metric_value(raw, step, higher_is_better, baseline)
 
-    reference = run_metric()
+    reference = run_metric("the baseline (the uncompressed model)", baseline=True)
     thresholds = {t: _threshold(reference, t, higher_is_better) for t in targets}
 
     def meets(value: float, t: float) -> bool:
@@ -157,12 +222,14 @@ def rank_tuning(
         factors[tm.key] = (param, original, u, s, vh)
         cache: dict[int, float] = {}
 
-        def value_at(r: int, param=param, original=original, u=u, s=s, vh=vh, cache=cache) -> float:
+        def value_at(
+            r: int, param=param, original=original, u=u, s=s, vh=vh, cache=cache, key=tm.key
+        ) -> float:
             if r not in cache:
                 with torch.no_grad():
                     param.copy_(((u[:, :r] * s[:r]) @ vh[:r]).reshape(original.shape))
                 try:
-                    cache[r] = run_metric()
+                    cache[r] = run_metric(f"matrix {key!r} truncated to rank {r}")
                 finally:
                     with torch.no_grad():
                         param.copy_(original)
@@ -174,7 +241,13 @@ def rank_tuning(
     if joint:
         for t in targets:
             ranks[t], scales[t] = _joint_repair(
-                factors, mats, ranks[t], lambda v, t=t: meets(v, t), run_metric
+                factors,
+                mats,
+                ranks[t],
+                lambda v, t=t: meets(v, t),
+                lambda scale, t=t: run_metric(
+                    f"the joint check of target {t:g} at scale {scale:g}"
+                ),
             )
     work.train(was_training)
 
@@ -186,7 +259,9 @@ def rank_tuning(
         for t in targets:
             tuned = apply_plan(model, plans[t]).eval()
             with torch.no_grad():
-                result.metrics[t] = float(metric(tuned))
+                raw = metric(tuned)
+            step = f"the final evaluation of target {t:g}"
+            result.metrics[t] = _metric_value(raw, step, higher_is_better, baseline=False)
             result.evaluations += 1
     return result
 
@@ -235,7 +310,7 @@ def _joint_repair(factors, mats, chosen, ok, run_metric) -> tuple[dict[str, int 
                         ((u[:, : rk[k]] * s[: rk[k]]) @ vh[: rk[k]]).reshape(original.shape)
                     )
                 try:
-                    cache[key] = ok(run_metric())
+                    cache[key] = ok(run_metric(scale))
                 finally:
                     for k in tuned:
                         param, original = factors[k][:2]

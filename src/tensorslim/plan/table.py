@@ -42,7 +42,7 @@ def render_plan(plan: Plan, width: int = 160) -> str:
             "-" if lp.flops_before is None else f"{human(lp.flops_before)}→{human(lp.flops_after)}"
         )
         table.add_row(
-            lp.name,
+            _layer_cell(lp.name, lp.extra.get("aliases") if isinstance(lp.extra, dict) else None),
             lp.type,
             "×".join(map(str, lp.shape)),
             lp.method,
@@ -70,6 +70,12 @@ def render_plan(plan: Plan, width: int = 160) -> str:
             f"{human(plan.model_flops_after)} ({ratio:.2f}×)"
         )
     return head + "\n" + console.export_text() + tail
+
+
+def _layer_cell(name: str, aliases: list[str] | None) -> str:
+    """The layer's name ("(model)" for the model itself), with the other names of a shared one."""
+    shown = name or "(model)"
+    return f"{shown} (also {', '.join(aliases)})" if aliases else shown
 
 
 class _Null:
