@@ -6,7 +6,7 @@ or a clean `TensorSlimError`, within bounded time (hypothesis deadline) and memo
 space is capped at its current size + 2 GiB while a target runs, so an unbounded allocation made
 from a hand-edited file fails the test instead of passing by luck).
 
-Examples per target: TENSORSLIM_FUZZ_EXAMPLES (default 150; `.ci/run`'s slow pass uses 1500).
+Examples per target: TENSORSLIM_FUZZ_EXAMPLES (default 150; `.ci/run` uses 5000).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import resource
 import struct
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -89,20 +90,53 @@ def saved(tmp_path_factory):
     return folder, want
 
 
-def _load_ok_or_clean_error(folder: Path, want: torch.Tensor | None) -> str:
-    """Load `folder` into a fresh Net: either the saved model's output comes back, or a clean error."""
+def _load_ok_or_clean_error(
+    folder: Path, want: torch.Tensor | None, make=Net, example: torch.Tensor = EXAMPLE
+) -> str:
+    """Load `folder` into a fresh `make()`: either the saved model's output comes back, or a
+    clean error."""
     try:
         with bounded_memory():
-            loaded = tensorslim.load(Net(), folder)
+            loaded = tensorslim.load(make(), folder)
     except TensorSlimError as exc:
         assert str(exc).strip(), "an error must say what is wrong"
         assert len(str(exc)) < 4000, "error messages stay one readable line"
         return "error"
     with torch.no_grad():
-        got = loaded(EXAMPLE)
+        got = loaded(example)
     if want is not None:  # the mutation did not change anything the structure depends on
         torch.testing.assert_close(got, want)
     return "loaded"
+
+
+class Seq(nn.Module):
+    """Attention + LSTM + Linear: dict ranks (RNN matrices) and pair ranks (attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.rnn = nn.LSTM(32, 48, batch_first=True)
+        self.head = nn.Linear(48, 4)
+
+    def forward(self, x):
+        h = x + self.attn(x, x, x, need_weights=False)[0]
+        return self.head(self.rnn(h)[0][:, -1])
+
+
+SEQ_EXAMPLE = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def saved_seq(tmp_path_factory):
+    torch.manual_seed(0)
+    small, plan = tensorslim.compress(
+        Seq().eval(), 0.3, allocator="uniform", example_input=SEQ_EXAMPLE
+    )
+    kinds = {type(lp.rank) for lp in plan.factorized_layers}
+    assert {dict, list} <= kinds, f"the fuzzed plan must hold dict and pair ranks: {kinds}"
+    folder = tmp_path_factory.mktemp("fuzz-seq") / "saved"
+    tensorslim.save(small, plan, folder)
+    return folder
 
 
 def _copy_folder(src: Path, dst: Path) -> None:
@@ -188,6 +222,25 @@ def test_fuzz_plan_json_mutations(saved, tmp_path_factory):
         outcomes.append(_load_ok_or_clean_error(case, None))
 
     run()
+    print(f"plan mutations: {sorted(Counter(outcomes).items())}")  # shown with pytest -s
+    assert "error" in outcomes, "mutations that break the plan must be refused"
+
+
+def test_fuzz_plan_json_mutations_of_rnn_and_attention_ranks(saved_seq, tmp_path_factory):
+    plan = json.loads((saved_seq / "plan.json").read_text())
+    outcomes = []
+
+    @FUZZ
+    @given(data=st.data())
+    def run(data):
+        mutated = data.draw(mutated_plans(plan))
+        case = tmp_path_factory.mktemp("plan-seq")
+        _copy_folder(saved_seq, case)
+        (case / "plan.json").write_text(json.dumps(mutated, allow_nan=True))
+        outcomes.append(_load_ok_or_clean_error(case, None, Seq, SEQ_EXAMPLE))
+
+    run()
+    print(f"plan mutations: {sorted(Counter(outcomes).items())}")  # shown with pytest -s
     assert "error" in outcomes, "mutations that break the plan must be refused"
 
 
