@@ -21,6 +21,7 @@ from tensorslim.model.data_aware import (
     OBJECTIVES,
     check_method_options,
 )
+from tensorslim.model.modes import kept_modes
 
 _ITERABLE = "an iterable of batches (e.g. a list or a DataLoader of model inputs)"
 
@@ -67,13 +68,11 @@ def check_objective(objective: Any) -> str | None:
 def _model_kept(model: nn.Module) -> Iterator[None]:
     """Restore every submodule's train/eval mode and every buffer afterwards, even on error: a
     loss may switch the model to training mode and so update BatchNorm running statistics."""
-    modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        yield
+        with kept_modes(model):
+            yield
     finally:
-        for m, mode in modes:
-            m.training = mode
         with torch.no_grad():
             for b, saved in buffers:
                 if not torch.equal(b, saved) and b.shape == saved.shape:

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorslim import __version__, _calibration
+import tensorslim._calibration as _calibration
 from tensorslim._progress import track
+from tensorslim._version import __version__
 from tensorslim.decompose import relative_error, singular_values, tail_energy
 from tensorslim.errors import (
     ExampleInputError,
@@ -34,6 +35,7 @@ from tensorslim.model import (
 )
 from tensorslim.model.data_aware import check_method_options
 from tensorslim.model.latency_cost import flag_latency, latency_options
+from tensorslim.model.modes import eval_mode
 from tensorslim.model.tensor_factorizers import TENSOR_METHODS
 from tensorslim.plan import ALLOCATORS, DENSE, Candidate, LayerPlan, Plan
 from tensorslim.plan.apply import apply_plan  # noqa: F401  (public API, re-exported)
@@ -53,12 +55,8 @@ def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
 
 def _eval_mode_trace(model: nn.Module, layers: list[LayerInfo], example_input: Any) -> None:
     """Trace shapes in eval mode so BatchNorm statistics and dropout of the input model are untouched."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         trace_sites(model, layers, example_input)
-    finally:
-        model.train(was_training)
 
 
 def _tensors(x: Any, depth: int = 0) -> list[torch.Tensor]:
@@ -298,12 +296,8 @@ def compress(
         )
         warnings.warn(plan.meta["warning"], UserWarning, stacklevel=2)
     if example_input is not None:
-        was_training = compressed.training
-        compressed.eval()
-        try:
+        with eval_mode(compressed):
             run_model(compressed, example_input)
-        finally:
-            compressed.train(was_training)
     return compressed, plan
 
 

@@ -25,7 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from tensorslim._version import __version__
 from tensorslim.errors import ExampleInputError, TensorSlimError, WeightFileError
+from tensorslim.model.modes import eval_mode
 from tensorslim.plan import Plan
 from tensorslim.plan.apply import apply_plan
 
@@ -156,8 +158,6 @@ def _files_below(folder: Path) -> tuple[dict[str, Path], list[str]]:
 
 def _write_marker(folder: Path) -> None:
     """Record tensorslim's version and the hash of every file in `folder` (the marker aside)."""
-    from tensorslim import __version__
-
     files, _ = _files_below(folder)
     files.pop(MARKER_FILE, None)
     marker = {
@@ -627,8 +627,6 @@ def export_onnx_checked(
 ) -> tuple[Path, float | None]:
     """Like export_onnx; also returns the max |onnxruntime - PyTorch| (None without `check`)."""
     args = example_input if isinstance(example_input, tuple) else (example_input,)
-    was_training = model.training
-    model.eval()
     diff: list[float | None] = [None]
 
     def write(tmp: Path) -> None:
@@ -651,7 +649,8 @@ def export_onnx_checked(
         diff[0] = verify_onnx(tmp, model, args, check)  # before the rename: a bad file never lands
 
     try:
-        written = atomic_write_file(path, write)
+        with eval_mode(model):
+            written = atomic_write_file(path, write)
     except TensorSlimError as exc:
         if isinstance(exc, ExampleInputError):
             raise ExampleInputError(f"{exc}; {str(path)!r} was not written") from exc
@@ -661,8 +660,6 @@ def export_onnx_checked(
             f"ONNX export failed: {type(exc).__name__}: {' '.join(str(exc).split())}; "
             f"{str(path)!r} was not written"
         ) from exc
-    finally:
-        model.train(was_training)
     return written, diff[0]
 
 

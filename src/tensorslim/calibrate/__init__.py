@@ -9,7 +9,7 @@ from tensorslim.calibrate.adapters import (
     adapter_for,
     register_adapter,
 )
-from tensorslim.calibrate.collect import LayerStats, calibrate, call_model
+from tensorslim.calibrate.collect import LayerStats, calibrate
 from tensorslim.calibrate.features import feature_errors
 
 __all__ = [
@@ -19,7 +19,6 @@ __all__ = [
     "LinearAdapter",
     "adapter_for",
     "calibrate",
-    "call_model",
     "feature_errors",
     "register_adapter",
 ]

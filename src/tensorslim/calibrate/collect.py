@@ -71,15 +71,6 @@ class LayerStats:
         self.fisher_batches += 1
 
 
-def call_model(model: nn.Module, batch: Any) -> Any:
-    """model(batch), model(*batch) or model(**batch) for a tensor, tuple/list or dict batch."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
 def _batch_size(batch: Any) -> int | None:
     if isinstance(batch, torch.Tensor):
         return batch.shape[0] if batch.ndim else None
@@ -256,16 +247,16 @@ def _forward(model: nn.Module, layers, collector: _Collector, batch: Any, index:
         m.register_forward_hook(collector.hook(name, m), with_kwargs=True)
         for name, m in layers.items()
     ]
+    # imported here: tensorslim.model imports tensorslim.calibrate (model/attention.py)
+    from tensorslim.model.profile import run_model
+
     try:
-        with torch.no_grad():
-            call_model(model, batch)
-    except TensorSlimError:
-        raise
-    except Exception as exc:
-        raise ExampleInputError(
-            f"the model rejected {batch_name(index)} ({type(exc).__name__}: {exc}); "
-            f"calibration batches must be model inputs: {BATCH_KINDS}"
-        ) from exc
+        run_model(
+            model,
+            batch,
+            batch_name(index),
+            f"; calibration batches must be model inputs: {BATCH_KINDS}",
+        )
     finally:
         collector.batch = None
         for h in hooks:

@@ -46,6 +46,31 @@ def refuse_overflow(
     )
 
 
+def bias_params(module: nn.Module) -> int:
+    """Parameters of the layer's `bias` (0 without one)."""
+    return 0 if getattr(module, "bias", None) is None else module.bias.numel()
+
+
+def output_positions(site: LayerSite, out_dim: int) -> int | None:
+    """How many times the weight is applied on the site's input: output elements / `out_dim` (the
+    weight's output size: out_features, out_channels), None if the output shape is unknown."""
+    if site.output_shape is None:
+        return None
+    return math.prod(site.output_shape) // out_dim
+
+
+def weight_dense_params(module: nn.Module) -> int:
+    """Parameters of a dense layer with one `weight` and an optional `bias`."""
+    return module.weight.numel() + bias_params(module)
+
+
+def weight_dense_flops(module: nn.Module, site: LayerSite, out_dim: int) -> int | None:
+    """FLOPs (2 per multiply-add) of a dense layer with one `weight` of output size `out_dim`:
+    every weight entry multiplies once per output position (see output_positions)."""
+    p = output_positions(site, out_dim)
+    return None if p is None else 2 * p * module.weight.numel()
+
+
 class MatrixSVDFactorizer(Factorizer):
     """Shared logic for layers whose weight is viewed as one (m x n) matrix W, factorized A @ B.
 
@@ -57,21 +82,17 @@ class MatrixSVDFactorizer(Factorizer):
         w = module.weight.detach()
         return w.reshape(w.shape[0], -1)
 
-    def _bias(self, module: nn.Module) -> int:
-        return 0 if getattr(module, "bias", None) is None else module.bias.numel()
+    _bias = staticmethod(bias_params)
 
     def _positions(self, module: nn.Module, site: LayerSite) -> int | None:
-        if site.output_shape is None:
-            return None
-        m = self.matrix(module).shape[0]
-        return math.prod(site.output_shape) // m
+        return output_positions(site, self.matrix(module).shape[0])
 
     def dense_params(self, module: nn.Module) -> int:
-        return module.weight.numel() + self._bias(module)
+        return weight_dense_params(module)
 
     def dense_flops(self, module: nn.Module, site: LayerSite) -> int | None:
-        p = self._positions(module, site)
-        return None if p is None else 2 * p * module.weight.numel()
+        # the matrix's rows, not weight.shape[0]: HF Conv1D stores its weight transposed
+        return weight_dense_flops(module, site, self.matrix(module).shape[0])
 
     def options(self, module: nn.Module, site: LayerSite) -> list[Option]:
         w = self.matrix(module)

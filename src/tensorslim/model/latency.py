@@ -3,6 +3,7 @@ comparisons that alternate two models so background load affects both alike."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils import benchmark as tbench
 
+from tensorslim.model.modes import eval_mode
 from tensorslim.model.profile import run_model
 
 
@@ -59,12 +61,8 @@ def compare_models(
     models: list[nn.Module], example_input: Any, rounds: int = 3, min_run_time: float = 0.1
 ) -> list[Latency]:
     """Latencies of several models on the same input, timed alternately (see compare_calls)."""
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
+    with contextlib.ExitStack() as stack:
+        for m in models:
+            stack.enter_context(eval_mode(m))
         with torch.inference_mode():
             return compare_calls([_forward(m, example_input) for m in models], rounds, min_run_time)
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -32,7 +33,10 @@ from torch import nn
 from tensorslim.errors import ExampleInputError, TensorSlimError, UnsupportedLayerError
 from tensorslim.layers.attention import RoutedMultiheadAttention
 from tensorslim.model.latency import time_call
+from tensorslim.model.modes import eval_mode
 from tensorslim.model.registry import Factorizer, LayerSite, Option
+
+T = TypeVar("T")
 
 ROUND_TO = 8
 MAX_MEASURED = 12  # options timed per layer for cost="latency"
@@ -110,16 +114,12 @@ def _call(layer: nn.Module, x: torch.Tensor):
 
 def _time_in(layer: nn.Module, input_shape: tuple[int, ...], dtype, min_run_time: float) -> float:
     layer = _on_cpu(layer, dtype)
-    was_training = layer.training
     x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0)).to(dtype)
-    layer.eval()  # restored below: the input model's layers are timed in place
-    try:
-        with torch.inference_mode():
-            run = _call(layer, x)
-            run()  # warm-up (oneDNN primitive creation)
-            return min(time_call(run, min_run_time) for _ in range(ROUNDS))
-    finally:
-        layer.train(was_training)
+    # eval_mode restores the modes: the input model's layers are timed in place
+    with eval_mode(layer), torch.inference_mode():
+        run = _call(layer, x)
+        run()  # warm-up (oneDNN primitive creation)
+        return min(time_call(run, min_run_time) for _ in range(ROUNDS))
 
 
 def _time(
@@ -234,6 +234,20 @@ def _thin(opts: list[Option], n: int) -> list[Option]:
     return sorted(picked, key=lambda o: o.params)
 
 
+def pareto_front(
+    items: Iterable[T], cost: Callable[[T], float], error: Callable[[T], float], tol: float
+) -> list[T]:
+    """The items by rising cost that each beat every cheaper item's error by more than `tol`
+    (ties in cost: the lower error first; ties in both: the first given). Costs rise and errors
+    fall along the result, as the allocators need."""
+    front, best = [], math.inf
+    for item in sorted(items, key=lambda i: (cost(i), error(i))):
+        if error(item) < best - tol:
+            front.append(item)
+            best = error(item)
+    return front
+
+
 def latency_options(
     factorizer: Factorizer, module: nn.Module, site: LayerSite, opts: list[Option]
 ) -> tuple[list[Option], list[float], float]:
@@ -267,12 +281,7 @@ def latency_options(
         )
         if ms < dense:
             timed.append((ms, o))
-    timed.sort(key=lambda t: (t[0], t[1].error))
-    front, best = [], math.inf
-    for ms, o in timed:
-        if o.error < best - 1e-15:
-            front.append((ms, o))
-            best = o.error
+    front = pareto_front(timed, lambda t: t[0], lambda t: t[1].error, 1e-15)
     return [o for _, o in front], [ms for ms, _ in front], dense
 
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+import tensorslim.model.registry as registry
 from tensorslim.errors import ExampleInputError, NonFiniteWeightError, TensorSlimError
 from tensorslim.layers import FactorizedConv, LowRankConv, LowRankLinear, LowRankRNN
-from tensorslim.model import registry
 from tensorslim.model.registry import (
     Factorizer,
     LayerSite,
@@ -251,29 +251,35 @@ def _check_finite(info: LayerInfo) -> None:
             )
 
 
-def run_model(model: nn.Module, example_input: Any) -> Any:
-    """Run `model` on `example_input` (a tensor, a tuple of positional inputs or a dict of keyword
-    inputs) without gradients; ExampleInputError with the model's message if it fails."""
+def run_model(
+    model: nn.Module, example_input: Any, name: str = "the example input", hint: str = ""
+) -> Any:
+    """Run `model` on `example_input` (a tensor, a tuple/list of positional inputs or a mapping of
+    keyword inputs) without gradients. ExampleInputError naming the input (`name`, then `hint`)
+    with the model's message if the model fails; a TensorSlimError (e.g. from a hook) passes as is."""
+
     try:
         with torch.no_grad():
-            if isinstance(example_input, dict):
+            if isinstance(example_input, Mapping):
                 return model(**example_input)
             if isinstance(example_input, (tuple, list)):
                 return model(*example_input)
             return model(example_input)
-    except (
-        Exception
-    ) as exc:  # the model's own error, whatever its type, is the user's input problem
+    except TensorSlimError:
+        raise
+    # the model's own error, whatever its type, is the user's input problem
+    except Exception as exc:
         raise ExampleInputError(
-            f"the model rejected the example input ({_describe(example_input)}): "
-            f"{type(exc).__name__}: {exc}"
+            f"the model rejected {name} ({_describe(example_input)}): "
+            f"{type(exc).__name__}: {exc}{hint}"
         ) from exc
 
 
 def _describe(x: Any) -> str:
+
     if isinstance(x, torch.Tensor):
         return f"tensor of shape {tuple(x.shape)}, dtype {x.dtype}"
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):
         return "dict with keys " + ", ".join(map(str, x))
     if isinstance(x, (tuple, list)):
         return f"{len(x)} positional inputs"

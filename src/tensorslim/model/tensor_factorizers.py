@@ -57,7 +57,13 @@ from tensorslim.layers.tensor_conv import (
     TTConv,
     Tucker2Conv,
 )
-from tensorslim.model.factorizers import refuse_overflow
+from tensorslim.model.factorizers import (
+    bias_params,
+    refuse_overflow,
+    weight_dense_flops,
+    weight_dense_params,
+)
+from tensorslim.model.latency_cost import pareto_front
 from tensorslim.model.registry import (
     Factorizer,
     LayerSite,
@@ -147,17 +153,13 @@ class TensorConvFactorizer(Factorizer):
         return None
 
     # -- costs ------------------------------------------------------------------------------
-    def _bias(self, module: nn.Module) -> int:
-        return 0 if module.bias is None else module.bias.numel()
+    _bias = staticmethod(bias_params)
 
     def dense_params(self, module: nn.Module) -> int:
-        return module.weight.numel() + self._bias(module)
+        return weight_dense_params(module)
 
     def dense_flops(self, module: nn.Module, site: LayerSite) -> int | None:
-        if site.output_shape is None:
-            return None
-        positions = math.prod(site.output_shape) // module.out_channels
-        return 2 * positions * module.weight.numel()
+        return weight_dense_flops(module, site, module.out_channels)
 
     def params(self, module: nn.Module, rank: Any) -> int:
         """Parameters of the factorized layer at `rank`, bias included."""
@@ -452,12 +454,10 @@ class ConvAuto(Factorizer):
         return reasons[0] if reasons else "no method supports this layer"
 
     def dense_params(self, module: nn.Module) -> int:
-        return module.weight.numel() + (0 if module.bias is None else module.bias.numel())
+        return weight_dense_params(module)
 
     def dense_flops(self, module: nn.Module, site: LayerSite) -> int | None:
-        if site.output_shape is None:
-            return None
-        return 2 * math.prod(site.output_shape) // module.out_channels * module.weight.numel()
+        return weight_dense_flops(module, site, module.out_channels)
 
     def options(self, module: nn.Module, site: LayerSite) -> list[Option]:
         pooled = []
@@ -468,13 +468,7 @@ class ConvAuto(Factorizer):
             ]
         if site.input_shape is not None and self.latency_guard:
             pooled = self._faster_than_dense(module, site, pooled)
-        pooled.sort(key=lambda o: (o.params, o.error))
-        front, best = [], math.inf
-        for o in pooled:
-            if o.error < best - 1e-12:
-                front.append(o)
-                best = o.error
-        return front
+        return pareto_front(pooled, lambda o: o.params, lambda o: o.error, 1e-12)
 
     def _faster_than_dense(self, module: nn.Module, site: LayerSite, pooled: list[Option]):
         """Avoid options that measure no faster than the dense layer on the site's input shape:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorslim.errors import WeightFileError
+from tensorslim.plan.table import render_plan
 
 PLAN_FORMAT = 1
 # A plan of a model with a million layers is far smaller; larger files are refused unread.
@@ -161,8 +162,6 @@ class Plan:
 
     # -- display ------------------------------------------------------------------------------
     def __str__(self) -> str:
-        from tensorslim.plan.table import render_plan
-
         return render_plan(self)
 
 

@@ -36,6 +36,7 @@ from tensorslim.model import (
     find_layers,
     get_submodule,
 )
+from tensorslim.model.modes import eval_mode
 from tensorslim.plan.apply import apply_plan
 from tensorslim.plan.plan import LayerPlan, Plan
 
@@ -195,61 +196,59 @@ def rank_tuning(
     _check_arguments(metric, higher_is_better, search)
     targets = _check_targets(targets)
     work = copy.deepcopy(model)
-    was_training = work.training
-    work.eval()
-    evaluations = 0
+    with eval_mode(work):
+        evaluations = 0
 
-    def run_metric(step: str, baseline: bool = False) -> float:
-        nonlocal evaluations
-        evaluations += 1
-        with torch.no_grad():
-            raw = metric(work)
-        return _metric_value(raw, step, higher_is_better, baseline)
+        def run_metric(step: str, baseline: bool = False) -> float:
+            nonlocal evaluations
+            evaluations += 1
+            with torch.no_grad():
+                raw = metric(work)
+            return _metric_value(raw, step, higher_is_better, baseline)
 
-    reference = run_metric("the baseline (the uncompressed model)", baseline=True)
-    thresholds = {t: _threshold(reference, t, higher_is_better) for t in targets}
+        reference = run_metric("the baseline (the uncompressed model)", baseline=True)
+        thresholds = {t: _threshold(reference, t, higher_is_better) for t in targets}
 
-    def meets(value: float, t: float) -> bool:
-        return value >= thresholds[t] if higher_is_better else value <= thresholds[t]
+        def meets(value: float, t: float) -> bool:
+            return value >= thresholds[t] if higher_is_better else value <= thresholds[t]
 
-    mats = _matrices(work, include, exclude)
-    factors: dict[str, tuple] = {}
-    ranks: dict[float, dict[str, int | None]] = {t: {} for t in targets}
-    for tm, _ in track(mats, "Rank-Tuning", progress, total=len(mats)):
-        param = getattr(get_submodule(work, tm.layer), tm.param)
-        original = param.detach().clone()
-        u, s, vh = svd(original.reshape(tm.shape[0], -1))
-        factors[tm.key] = (param, original, u, s, vh)
-        cache: dict[int, float] = {}
+        mats = _matrices(work, include, exclude)
+        factors: dict[str, tuple] = {}
+        ranks: dict[float, dict[str, int | None]] = {t: {} for t in targets}
+        for tm, _ in track(mats, "Rank-Tuning", progress, total=len(mats)):
+            param = getattr(get_submodule(work, tm.layer), tm.param)
+            original = param.detach().clone()
+            u, s, vh = svd(original.reshape(tm.shape[0], -1))
+            factors[tm.key] = (param, original, u, s, vh)
+            cache: dict[int, float] = {}
 
-        def value_at(
-            r: int, param=param, original=original, u=u, s=s, vh=vh, cache=cache, key=tm.key
-        ) -> float:
-            if r not in cache:
-                with torch.no_grad():
-                    param.copy_(((u[:, :r] * s[:r]) @ vh[:r]).reshape(original.shape))
-                try:
-                    cache[r] = run_metric(f"matrix {key!r} truncated to rank {r}")
-                finally:
+            def value_at(
+                r: int, param=param, original=original, u=u, s=s, vh=vh, cache=cache, key=tm.key
+            ) -> float:
+                if r not in cache:
                     with torch.no_grad():
-                        param.copy_(original)
-            return cache[r]
+                        param.copy_(((u[:, :r] * s[:r]) @ vh[:r]).reshape(original.shape))
+                    try:
+                        cache[r] = run_metric(f"matrix {key!r} truncated to rank {r}")
+                    finally:
+                        with torch.no_grad():
+                            param.copy_(original)
+                return cache[r]
 
-        for t in targets:
-            ranks[t][tm.key] = _search(value_at, lambda v, t=t: meets(v, t), tm.r_max, search)
-    scales: dict[float, float] = {}
-    if joint:
-        for t in targets:
-            ranks[t], scales[t] = _joint_repair(
-                factors,
-                mats,
-                ranks[t],
-                lambda v, t=t: meets(v, t),
-                lambda scale, t=t: run_metric(
-                    f"the joint check of target {t:g} at scale {scale:g}"
-                ),
-            )
-    work.train(was_training)
+            for t in targets:
+                ranks[t][tm.key] = _search(value_at, lambda v, t=t: meets(v, t), tm.r_max, search)
+        scales: dict[float, float] = {}
+        if joint:
+            for t in targets:
+                ranks[t], scales[t] = _joint_repair(
+                    factors,
+                    mats,
+                    ranks[t],
+                    lambda v, t=t: meets(v, t),
+                    lambda scale, t=t: run_metric(
+                        f"the joint check of target {t:g} at scale {scale:g}"
+                    ),
+                )
 
     plans = {t: _plan(model, mats, ranks[t], t) for t in targets}
     result = RankTuningResult(

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from tensorslim.plan.plan import Plan
+from typing import Any
 
 
 def human(n: int | float | None) -> str:
@@ -19,7 +16,9 @@ def human(n: int | float | None) -> str:
     return f"{n:.0f}"
 
 
-def render_plan(plan: Plan, width: int = 160) -> str:
+def render_plan(plan: Any, width: int = 160) -> str:
+    """`plan` is a Plan, taken duck-typed (its fields only) so that this module needs nothing from
+    tensorslim.plan.plan, which imports it."""
     from rich.console import Console
     from rich.table import Table
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from tensorslim._progress import track
+from tensorslim.model.modes import eval_mode
 
 
 def fit(
@@ -58,11 +59,9 @@ def fit(
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
     """Fraction of samples whose arg-max prediction equals the label (model in eval mode)."""
-    was_training = model.training
-    model.eval()
     correct = 0
-    for start in range(0, len(x), batch_size):
-        pred = model(x[start : start + batch_size]).argmax(dim=-1)
-        correct += int((pred == y[start : start + batch_size]).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(x), batch_size):
+            pred = model(x[start : start + batch_size]).argmax(dim=-1)
+            correct += int((pred == y[start : start + batch_size]).sum())
     return correct / max(1, len(x))
