@@ -1,6 +1,6 @@
 """Feature errors of a replaced layer: how far its output moves on calibration samples.
 
-Following the definitions in DESIGN.md ("Errors") and Schuurmans et al. (ICLR 2023, Sec. 3): for each
+Following Schuurmans, Batselier & Kooij (ICLR 2023, Sec. 3): for each
 stored input sample x_i with original output F_i = layer(x_i) and replacement output G_i, the errors
 are absolute ||F_i - G_i||_F, relative ||F_i - G_i||_F / ||F_i||_F and scaled ||F_i - G_i||_F / numel(F_i),
 each averaged over the samples. Only that one layer is replaced, the rest of the model plays no part.

@@ -6,7 +6,7 @@ sides as rows and columns, keep the χ largest singular values, reshape back (th
 approximation of that matricization, Eckart-Young). Several cuts in sequence along an index
 order = an MPS / tensor train along that order with bonds (χ1, χ2, χ3), computed by TT-SVD.
 
-The paper's reading of these details is marked unconfirmed in PAPERS.md; the norm loss is reported
+Singh, Jahromi & Orús (2024) leave some of these details open (our reading); the norm loss is reported
 both as 1 - ||K~|| / ||K|| (the paper's) and 1 - ||K~||^2 / ||K||^2.
 
 Pure math on tensors: imports nothing else from tensorslim except decompose.tensor.

@@ -4,7 +4,7 @@ A rank-r factorization of W (m x n) is W ~= A @ B with A (m x r), B (r x n); it 
 numbers instead of mn. By Eckart-Young the truncated SVD is the best rank-r approximation in the
 Frobenius norm, and its error is the norm of the dropped singular values.
 
-This module must not import anything else from tensorslim (see DESIGN.md, "Imports run downward").
+Pure math on tensors: this module imports nothing else from tensorslim (imports run downward).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ Methods and their sources:
   the matrix M[(i,h),(o,w)] = K[o,i,h,w] truncated to rank r gives a vertical kh x 1 conv into r
   channels followed by a horizontal 1 x kw conv.
 
-This module must not import anything else from tensorslim (see DESIGN.md, "Imports run downward").
+Pure math on tensors: this module imports nothing else from tensorslim (imports run downward).
 """
 
 from __future__ import annotations

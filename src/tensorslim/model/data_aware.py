@@ -319,7 +319,7 @@ def solve(
 
 def risk_facts(w: torch.Tensor, st: Any, rank: int, w_hat: torch.Tensor, site: LayerSite):
     """Per-layer "SVD risk" (Hua et al., EMNLP 2022, Sec. 5 motivates a metric predicting when plain
-    SVD hurts; its exact form is unconfirmed, see PAPERS.md #4). Here:
+    SVD hurts; the paper does not give its exact form, so this is our reading). Here:
 
     svd_fisher_error = 1/2 sum I (W - SVD_r(W))^2, the loss-increase estimate of plain SVD at this
     rank, and svd_risk = that error / the Fisher-weighted error of the weighted solution actually used

@@ -3,8 +3,8 @@
 - GaripovNet: the 6-conv network of Garipov et al. (2016) as used by Schuurmans et al. (ICLR 2023):
   3x3 convs of 64, 64, 128, 128, 128, 128 channels, each followed by BatchNorm and ReLU, max-pooling
   after the 2nd, 4th and 6th conv, then a Linear classifier.
-- VanillaCNN4: a plain 4-conv network in the spirit of Singh, Jahromi & Orús (2024) (their exact
-  widths are not given in PAPERS.md; unconfirmed): 3x3 convs of 32, 32, 64, 64 channels with ReLU,
+- VanillaCNN4: a plain 4-conv network in the spirit of Singh, Jahromi & Orús (2024) (the paper
+  does not state exact widths; these are our choice): 3x3 convs of 32, 32, 64, 64 channels with ReLU,
   max-pooling after the 2nd and 4th, then a Linear classifier. No BatchNorm.
 """
 
