@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import tensorslim._calibration as _calibration
+from tensorslim._nested import tensors_in
 from tensorslim._progress import track
 from tensorslim._version import __version__
 from tensorslim.decompose import relative_error, singular_values, tail_energy
@@ -59,19 +60,9 @@ def _eval_mode_trace(model: nn.Module, layers: list[LayerInfo], example_input: A
         trace_sites(model, layers, example_input)
 
 
-def _tensors(x: Any, depth: int = 0) -> list[torch.Tensor]:
-    """The tensors in an example input (a tensor, or tuples, lists and dicts of them)."""
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if depth > 8:
-        return []
-    items = x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ()
-    return [t for item in items for t in _tensors(item, depth + 1)]
-
-
 def _check_example_input(example_input: Any) -> None:
     """ExampleInputError for an input with an empty tensor (a batch of size 0 measures nothing)."""
-    for t in _tensors(example_input):
+    for t in tensors_in(example_input):
         if t.numel() == 0:
             raise ExampleInputError(
                 f"the example input holds a tensor of shape {tuple(t.shape)} with no elements "

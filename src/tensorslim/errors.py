@@ -6,6 +6,8 @@ can print it as one line and exit with status 2.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TensorSlimError(ValueError):
     """Base class of all errors caused by user input (bad values, files, models)."""
@@ -59,3 +61,14 @@ def check_keep(keep: float) -> float:
             f"keep must be in (0, 1] (the fraction of the cost that remains), got {keep!r}"
         )
     return k
+
+
+def is_int(value: Any) -> bool:
+    """True for an int that is not a bool (JSON's true would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorslim.errors import TensorSlimError, WeightFileError
+from tensorslim.errors import TensorSlimError, WeightFileError, is_int
 from tensorslim.io import (
     PLAN_FILE,
     WEIGHTS_FILE,
-    _safetensors_entries,
     atomic_write_dir,
     load,
+    safetensors_entries,
     save_weights,
 )
 from tensorslim.plan import Plan
@@ -140,8 +140,10 @@ def load_pretrained(path: str | Path, model_class: Any = None) -> nn.Module:
             )
         model_class = model_class_named(name, repr(str(path / PLAN_FILE)))
     config = _config_for(model_class, path)
-    _check_config_counts(config, path)
-    _check_size(_build(model_class, config, config_file, meta=True), path)
+    weights = path / WEIGHTS_FILE
+    entries = safetensors_entries(weights) if weights.is_file() else {}
+    _check_config_counts(config, path, entries)
+    _check_size(_build(model_class, config, config_file, meta=True), path, entries)
     return load(_build(model_class, config, config_file), path).eval()
 
 
@@ -159,15 +161,14 @@ def _build(model_class: Any, config: Any, config_file: Path, meta: bool = False)
         ) from exc
 
 
-def _check_config_counts(config: Any, path: Path) -> None:
+def _check_config_counts(config: Any, path: Path, entries: dict[str, Any]) -> None:
     """Refuse layer counts that the stored weights cannot hold before building anything: even on
     the meta device, a config asking for 10^6 layers would build 10^6 Python modules. The stored
     keys number repeated blocks (encoder.layer.11.…), so no count may exceed their largest index."""
-    entries = _safetensors_entries(path / WEIGHTS_FILE) if (path / WEIGHTS_FILE).is_file() else {}
     indices = [int(p) for k in entries for p in k.split(".") if p.isdigit() and len(p) < 10]
     most = max(indices, default=0) + 1
     for key, value in config.to_dict().items():
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not is_int(value):
             continue
         if value > MAX_CONFIG_INT or ("layer" in key.lower() and value > most):
             raise WeightFileError(
@@ -177,10 +178,9 @@ def _check_config_counts(config: Any, path: Path) -> None:
             )
 
 
-def _check_size(skeleton: nn.Module, path: Path) -> None:
+def _check_size(skeleton: nn.Module, path: Path, entries: dict[str, Any]) -> None:
     """Refuse a config whose dense model is far larger than the saved weights (a tampered
     config.json, e.g. hidden_size 10^9, must not allocate terabytes before the plan is checked)."""
-    entries = _safetensors_entries(path / WEIGHTS_FILE) if (path / WEIGHTS_FILE).is_file() else {}
     stored = sum(math.prod(shape) for shape, _ in entries.values())
     dense = sum(p.numel() for p in skeleton.parameters())
     allowed = max(MAX_SKELETON_RATIO * stored, 1 << 20)

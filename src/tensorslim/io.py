@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tensorslim._nested import tensors_in
 from tensorslim._version import __version__
 from tensorslim.errors import ExampleInputError, TensorSlimError, WeightFileError
 from tensorslim.model.modes import eval_mode
@@ -53,10 +54,7 @@ def _umask() -> int:
 
 def _write_error(path: Path, exc: BaseException) -> WeightFileError:
     """A WeightFileError naming `path` and the OS's reason for a failed write."""
-    reason = getattr(exc, "strerror", None)
-    if reason is None:  # safetensors reports I/O errors as "... (os error N)"
-        found = re.search(r"os error (\d+)", str(exc))
-        reason = os.strerror(int(found.group(1))) if found else str(exc)
+    reason = getattr(exc, "strerror", None) or str(exc)
     return WeightFileError(f"cannot write {str(path)!r}: {reason}")
 
 
@@ -156,16 +154,18 @@ def _files_below(folder: Path) -> tuple[dict[str, Path], list[str]]:
     return files, odd
 
 
+def _marker_text(hashes: dict[str, str]) -> str:
+    """The marker's JSON: format, tensorslim's version and {relative path: sha256}."""
+    files = dict(sorted(hashes.items()))
+    marker = {"format": MARKER_FORMAT, "tensorslim": __version__, "files": files}
+    return json.dumps(marker, indent=2)
+
+
 def _write_marker(folder: Path) -> None:
-    """Record tensorslim's version and the hash of every file in `folder` (the marker aside)."""
+    """Record the hash of every file in `folder` (the marker aside)."""
     files, _ = _files_below(folder)
     files.pop(MARKER_FILE, None)
-    marker = {
-        "format": MARKER_FORMAT,
-        "tensorslim": __version__,
-        "files": {rel: _sha256(p) for rel, p in sorted(files.items())},
-    }
-    (folder / MARKER_FILE).write_text(json.dumps(marker, indent=2))
+    (folder / MARKER_FILE).write_text(_marker_text({rel: _sha256(p) for rel, p in files.items()}))
 
 
 def _read_marker(folder: Path) -> dict[str, str] | None:
@@ -207,8 +207,8 @@ def _not_ours(folder: Path) -> str | None:
 
 def _is_ours(folder: Path) -> bool:
     """True if `folder` holds a valid marker and exactly the files it lists."""
-    try:
-        return _read_marker(folder) is not None and _not_ours(folder) is None
+    try:  # _not_ours accepts an empty folder: require the marker file first
+        return (folder / MARKER_FILE).is_file() and _not_ours(folder) is None
     except OSError:
         return False
 
@@ -219,9 +219,8 @@ def _record_in_marker(path: Path) -> None:
     if recorded is None:
         return
     recorded[path.name] = _sha256(path)
-    marker = json.loads((path.parent / MARKER_FILE).read_text())
-    marker["files"] = dict(sorted(recorded.items()))
-    atomic_write_file(path.parent / MARKER_FILE, lambda p: p.write_text(json.dumps(marker, indent=2)))
+    text = _marker_text(recorded)
+    atomic_write_file(path.parent / MARKER_FILE, lambda p: p.write_text(text))
 
 
 # -- atomic writes ----------------------------------------------------------------------------
@@ -430,7 +429,7 @@ def _dtype_rule(dtypes: list[tuple[str, Any, torch.dtype]]) -> str:
     )
 
 
-def _safetensors_entries(path: Path) -> dict[str, Entry]:
+def safetensors_entries(path: Path) -> dict[str, Entry]:
     """name -> (shape, dtype) from a safetensors header, without reading the tensors."""
     from safetensors import SafetensorError, safe_open
 
@@ -462,7 +461,7 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
     if not weights.is_file():
         raise WeightFileError(f"missing weight file {str(weights)!r}")
     restored = apply_plan(model, plan, weights="empty")
-    problems = fit_problems(restored, _safetensors_entries(weights), exact_dtype=True)
+    problems = fit_problems(restored, safetensors_entries(weights), exact_dtype=True)
     if problems:
         raise WeightFileError(
             f"weights in {str(weights)!r} do not fit the model rebuilt from the plan: "
@@ -560,17 +559,6 @@ ONNX_TOLERANCE = {
 }
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    """The tensors of a (nested) model output, in the order the ONNX exporter flattens them."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [t for item in obj for t in _tensors(item)]
-    if isinstance(obj, dict):
-        return [t for item in obj.values() for t in _tensors(item)]
-    return []
-
-
 def _onnx_session(path: Path) -> Any:
     import onnxruntime as ort
 
@@ -603,7 +591,7 @@ def verify_onnx(path: Path, model: nn.Module, args: tuple, compare: bool) -> flo
             f"onnxruntime cannot run the exported model: {' '.join(str(exc).split())}"
         ) from exc
     with torch.no_grad():
-        want = _tensors(model(*args))
+        want = tensors_in(model(*args))
     worst = 0.0
     for g, w in zip(got, want):
         w32 = w.detach().float().cpu().numpy()

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tensorslim._nested import tensors_in
 from tensorslim._progress import track
 from tensorslim.calibrate.adapters import Adapter, adapter_for
 from tensorslim.errors import ExampleInputError, TensorSlimError
@@ -83,17 +84,6 @@ def _batch_size(batch: Any) -> int | None:
     return None
 
 
-def _tensors(batch: Any) -> list[torch.Tensor]:
-    """The tensors of a batch (itself, or the items of a tuple / list / dict), one level deep."""
-    if isinstance(batch, torch.Tensor):
-        return [batch]
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if not isinstance(batch, (tuple, list)):
-        return []
-    return [b for b in batch if isinstance(b, torch.Tensor)]
-
-
 def batch_name(index: int) -> str:
     """How messages name a calibration batch: its position in the iterable, counting from 0."""
     return f"calibration batch {index} (counting from 0)"
@@ -119,7 +109,7 @@ def _batch_nonfinite(batch: Any) -> str | None:
     """A description of the NaN / Inf values in the batch's floating tensors, None if none."""
     found = [
         _count_nonfinite(t)
-        for t in _tensors(batch)
+        for t in tensors_in(batch)
         if t.is_floating_point() and not bool(torch.isfinite(t).all())
     ]
     return "; ".join(found) or None
@@ -178,7 +168,7 @@ def _numbered(batches: Iterable[Any]) -> Iterator[tuple[int, Any]]:
 def _check_batch(batch: Any, index: int) -> None:
     """Refuse a batch without samples (the model decides about everything else)."""
     if _batch_size(batch) == 0:
-        shapes = [tuple(t.shape) for t in _tensors(batch)]
+        shapes = [tuple(t.shape) for t in tensors_in(batch)]
         raise ExampleInputError(
             f"{batch_name(index)} is empty (batch size 0, tensor shapes {shapes}); "
             "every calibration batch needs at least one sample"

@@ -25,7 +25,7 @@ from torch import nn
 from tensorslim.calibrate import Adapter, register_adapter
 from tensorslim.decompose import max_useful_rank
 from tensorslim.decompose.svd import cast_factors
-from tensorslim.errors import TensorSlimError
+from tensorslim.errors import TensorSlimError, is_int, short_repr
 from tensorslim.layers import LowRankLinear
 from tensorslim.layers.attention import RoutedMultiheadAttention
 from tensorslim.model.data_aware import (
@@ -44,9 +44,7 @@ from tensorslim.model.registry import (
     Factorizer,
     LayerSite,
     Option,
-    is_int,
     register,
-    short_repr,
 )
 
 PARTS = ("in_proj", "out_proj")

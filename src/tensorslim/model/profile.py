@@ -12,14 +12,13 @@ import torch
 from torch import nn
 
 import tensorslim.model.registry as registry
-from tensorslim.errors import ExampleInputError, NonFiniteWeightError, TensorSlimError
+from tensorslim.errors import ExampleInputError, NonFiniteWeightError, TensorSlimError, short_repr
 from tensorslim.layers import FactorizedConv, LowRankConv, LowRankLinear, LowRankRNN
 from tensorslim.model.registry import (
     Factorizer,
     LayerSite,
     is_registered_type,
     resolve,
-    short_repr,
 )
 
 # Layers produced by tensorslim: never searched again for compressible children.

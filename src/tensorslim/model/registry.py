@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tensorslim.errors import is_int, short_repr
+
 
 @dataclass(frozen=True)
 class LayerSite:
@@ -114,15 +116,6 @@ class Factorizer(ABC):
         return rank_leaves_problem(rank, self.dense_params(module))
 
 
-def is_int(value: Any) -> bool:
-    """True for an int that is not a bool (JSON's true would otherwise pass as 1)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def short_repr(value: Any, limit: int = 60) -> str:
-    """repr(value), cut to `limit` characters for error messages."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def int_rank_problem(rank: Any, full: int) -> str | None:

@@ -21,15 +21,14 @@ import torch
 from torch import nn
 
 from tensorslim.decompose import max_useful_rank, singular_values, tail_energy
+from tensorslim.errors import is_int, short_repr
 from tensorslim.layers.lowrank_rnn import LowRankRNN, choose_impl, rnn_matrices
 from tensorslim.model.factorizers import refuse_overflow
 from tensorslim.model.registry import (
     Factorizer,
     LayerSite,
     Option,
-    is_int,
     register,
-    short_repr,
 )
 
 

@@ -49,6 +49,7 @@ from tensorslim.decompose.tensor import (
     tucker2_params,
     tucker2_ranks_for_keep,
 )
+from tensorslim.errors import is_int, short_repr
 from tensorslim.layers.tensor_conv import (
     ConvGeometry,
     CPConv,
@@ -69,8 +70,6 @@ from tensorslim.model.registry import (
     LayerSite,
     Option,
     find,
-    is_int,
-    short_repr,
 )
 
 

@@ -22,6 +22,7 @@ from tensorslim.errors import (
     PlanMismatchError,
     TensorSlimError,
     UnsupportedLayerError,
+    short_repr,
 )
 from tensorslim.model import (
     Factorizer,
@@ -33,7 +34,6 @@ from tensorslim.model import (
     replace_at,
 )
 from tensorslim.model.profile import sharing_reason
-from tensorslim.model.registry import short_repr
 from tensorslim.plan.plan import LayerPlan, Plan, label
 
 # A factorized structure may hold at most this many times the dense layer's parameters (every

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tensorslim.errors import WeightFileError
+from tensorslim.errors import WeightFileError, is_int, short_repr
 from tensorslim.plan.table import render_plan
 
 PLAN_FORMAT = 1
@@ -112,7 +112,7 @@ class Plan:
                 raise WeightFileError(f"not a valid tensorslim plan: missing field {key!r}")
         if not isinstance(d["layers"], list):
             raise WeightFileError(
-                f"plan field 'layers' must be a list of layer objects; got {_short(d['layers'])}"
+                f"plan field 'layers' must be a list of layer objects; got {short_repr(d['layers'])}"
             )
         layers = [_layer_from_dict(i, lp) for i, lp in enumerate(d["layers"])]
         top = {f.name for f in fields(cls)} - {"layers"}
@@ -124,13 +124,13 @@ class Plan:
         """Raise WeightFileError naming the layer (index and name), field, value and what is
         accepted if any field has the wrong type or a layer name appears twice."""
         if not isinstance(self.layers, list):
-            raise WeightFileError(f"plan field 'layers' must be a list; got {_short(self.layers)}")
+            raise WeightFileError(f"plan field 'layers' must be a list; got {short_repr(self.layers)}")
         for key, (ok, accepted) in _PLAN_FIELDS.items():
             _check_field("plan", key, getattr(self, key), ok, accepted)
         seen: dict[str, int] = {}
         for i, lp in enumerate(self.layers):
             if not isinstance(lp, LayerPlan):
-                raise WeightFileError(f"plan layer {i} must be a LayerPlan; got {_short(lp)}")
+                raise WeightFileError(f"plan layer {i} must be a LayerPlan; got {short_repr(lp)}")
             _check_field(f"plan layer {i}", "name", lp.name, *_LAYER_FIELDS["name"])
             where = f"plan layer {i} ({label(lp.name)})"
             for key, (ok, accepted) in _LAYER_FIELDS.items():
@@ -169,16 +169,12 @@ class Plan:
 Check = Callable[[Any], bool]
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _count(v: Any) -> bool:
-    return _is_int(v) and v >= 0
+    return is_int(v) and v >= 0
 
 
 def _optional(check: Check) -> Check:
@@ -189,10 +185,10 @@ def _rank(v: Any) -> bool:
     """None, an int, a list of ints, or an object of ints or nulls (an RNN's per-matrix ranks);
     the range is checked against the layer by apply_plan."""
     if isinstance(v, dict):
-        return all(isinstance(k, str) and (x is None or _is_int(x)) for k, x in v.items())
+        return all(isinstance(k, str) and (x is None or is_int(x)) for k, x in v.items())
     if isinstance(v, (list, tuple)):
-        return all(_is_int(x) for x in v)
-    return v is None or _is_int(v)
+        return all(is_int(x) for x in v)
+    return v is None or is_int(v)
 
 
 def _extra(v: Any) -> bool:
@@ -200,7 +196,7 @@ def _extra(v: Any) -> bool:
     return isinstance(aliases, list) and all(isinstance(a, str) for a in aliases)
 
 
-_FORMAT: tuple[Check, str] = (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+_FORMAT: tuple[Check, str] = (lambda v: is_int(v) and v >= 1, "an integer >= 1")
 _STR = (lambda v: isinstance(v, str), "a string")
 _COUNT = (_count, "an integer >= 0")
 _OPT_COUNT = (_optional(_count), "an integer >= 0 or null")
@@ -241,19 +237,14 @@ _PLAN_FIELDS: dict[str, tuple[Check, str]] = {
 }
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _check_field(where: str, key: str, value: Any, ok: Check, accepted: str) -> None:
     if not ok(value):
-        raise WeightFileError(f"{where}: field {key!r} must be {accepted}; got {_short(value)}")
+        raise WeightFileError(f"{where}: field {key!r} must be {accepted}; got {short_repr(value)}")
 
 
 def _layer_from_dict(i: int, d: Any) -> LayerPlan:
     if not isinstance(d, dict):
-        raise WeightFileError(f"plan layer {i} must be an object; got {_short(d)}")
+        raise WeightFileError(f"plan layer {i} must be an object; got {short_repr(d)}")
     for key in ("name", "type", "shape"):
         if key not in d:
             name = d.get("name")
