@@ -24,8 +24,8 @@ import tensorslim
 from tensorslim.decompose import max_useful_rank, singular_values, tail_energy
 from tensorslim.layers import LowRankRNN
 from tensorslim.layers.lowrank_rnn import rnn_matrices
-from tensorslim.model.latency import compare_calls
 from tensorslim.plan.apply import apply_plan
+from tensorslim.search.timing import compare_calls
 
 GOAL_LOSS = 0.014  # the paper's "at most 1.4 % relative performance loss"
 GOAL_RATIO = 14.0

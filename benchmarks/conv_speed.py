@@ -7,7 +7,7 @@ the rank is the method's rank for that keep; the ideal speedup is the FLOP reduc
 dense FLOPs / factorized FLOPs. Each row reports the measured speedup (dense / factorized median
 latency) and its ratio to that ideal, in the default (NCHW) and the channels_last memory format;
 the dense layer is timed in the same format. Dense and all factorized layers of one shape and
-format are timed alternately (tensorslim.model.latency.compare_calls, best of ROUNDS medians), so
+format are timed alternately (tensorslim.search.timing.compare_calls, best of ROUNDS medians), so
 background load affects them alike. Weights are random: latency does not depend on their values.
 
 Run: .venv/bin/python benchmarks/conv_speed.py [--quick]
@@ -24,8 +24,43 @@ import torch
 from torch import nn
 
 from _common import write_results
-from tensorslim.model import find
-from tensorslim.model.tensor_factorizers import chain_flops
+from tensorslim.compressors._tensor import chain_flops
+from tensorslim.core import (
+    Component,
+    LayerSite,
+    LayerTarget,
+    build_layer,
+    get_compressor,
+    handler_for,
+)
+from tensorslim.core.cost import matrix_targets
+
+
+class _Method:
+    """One compressor on one dense conv: the largest rank within a keep, and its empty structure."""
+
+    def __init__(self, dense: nn.Module, method: str) -> None:
+        self.dense, self.comp = dense, get_compressor(method)
+        self.handler, self.site = handler_for(dense), LayerSite("")
+
+    def rank_for_keep(self, _dense: nn.Module, keep: float):
+        if self.comp.form == "layer":
+            target = LayerTarget("", self.dense, self.site, self.handler)
+        else:
+            target = matrix_targets(self.dense, self.handler, self.site)[""]
+        p = self.comp.for_keep(target, keep)
+        if p is None:
+            return None
+        return tuple(p["rank"]) if isinstance(p["rank"], list) else p["rank"]
+
+    def empty(self, _dense: nn.Module, rank) -> nn.Module:
+        rank = list(rank) if isinstance(rank, tuple) else rank
+        spec = [Component(self.comp.kind, {"rank": rank})]
+        return build_layer(self.dense, self.handler, spec, self.site, empty=True)[0]
+
+
+def find(dense: nn.Module, method: str) -> _Method:
+    return _Method(dense, method)
 
 SEED = 0
 BATCH = 32
@@ -47,7 +82,7 @@ THREADS = 1  # see the note in the results: 2-thread timings stalled on a shared
 
 
 def timed_group(fns, min_run_time):
-    from tensorslim.model.latency import compare_calls
+    from tensorslim.search.timing import compare_calls
 
     with torch.inference_mode():
         return [
@@ -112,9 +147,9 @@ def layer_rows(shapes, methods, keeps, min_run_time):
 
 
 def rounding_rows(min_run_time):
-    """The rank-rounding rule (tensorslim.model.latency_cost.round_rank): latency of SVD and
+    """The rank-rounding rule (tensorslim.search.latency.round_rank): latency of SVD and
     Tucker-2 at the rank for keep 0.25 and at that rank rounded down to a multiple of 8."""
-    from tensorslim.model.latency_cost import round_rank
+    from tensorslim.search.latency import round_rank
 
     rows = []
     torch.manual_seed(SEED)

@@ -20,7 +20,7 @@ from _common import write_results
 from tensorslim import compress, zoo
 from tensorslim.decompose import rank_for_keep
 from tensorslim.layers import LowRankLinear
-from tensorslim.model import compare_calls
+from tensorslim.search.timing import compare_calls
 
 SEED = 0
 SHAPES = [

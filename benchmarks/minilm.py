@@ -37,6 +37,7 @@ from sklearn.linear_model import RidgeCV
 import tensorslim
 from _common import write_results  # noqa: E402  (puts src/ on the path)
 from tensorslim.calibrate import calibrate
+from tensorslim.compressors._factors import risk_facts
 from tensorslim.decompose import (
     DEFAULT_SOLVER,
     output_error,
@@ -44,8 +45,6 @@ from tensorslim.decompose import (
     singular_values,
     tail_energy,
 )
-from tensorslim.model.data_aware import risk_facts
-from tensorslim.model.registry import LayerSite
 from tensorslim.zoo.minilm import embed, load_minilm, sentence_embedding, tokenize
 from tensorslim.zoo.text import load_fortune_sentences, load_vader_lexicon
 
@@ -330,7 +329,7 @@ def risk_study(model, tok, calib_sents, sents, keep, max_layers=None, max_len=64
         st = stats[n]
         u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
         w_svd = (u[:, :r] * s[:r]) @ vh[:r]
-        facts = risk_facts(w, st, r, w_svd, LayerSite(n))
+        facts = risk_facts(w, st, r, w_svd)
         feat = output_error(w, w_svd, st.gram) / output_error(w, torch.zeros_like(w), st.gram)
         small, _ = tensorslim.compress(model, keep, allocator="uniform", include=[n])
         e = embed(small, tok, sents, batch_size=64, max_length=max_len)

@@ -146,3 +146,60 @@ def test_calibration_refusals():
     with pytest.raises(TensorSlimError, match="does not know"):
         calibrate(model, {"1": model[1]}, [torch.randn(2, 6)])
     assert isinstance(LayerStats().parts, dict)
+
+
+class _Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x)[0])
+
+
+def test_attention_parts_gram_and_fisher():
+    torch.manual_seed(0)
+    model = _Attn().eval()
+    xs = [torch.randn(2, 5, 8), torch.randn(3, 4, 8)]
+    stats = calibrate(model, {"attn": model.attn}, xs, loss=lambda m, b: m(b).square().mean())
+    st = stats["attn"]
+    assert st.gram is None and set(st.parts) == {"in_proj", "out_proj"}
+    rows = torch.cat([x.reshape(-1, 8) for x in xs]).double()
+    # query, key and value are the same rows: their Grams sum to 3 X^T X
+    torch.testing.assert_close(st.part("in_proj").gram, 3 * rows.T @ rows)
+    assert st.part("in_proj").rows == 3 * rows.shape[0]
+    assert st.part("out_proj").rows == rows.shape[0]
+    assert st.part("in_proj").fisher.shape == (24, 8)
+    assert st.part("out_proj").fisher.shape == (8, 8)
+
+
+def test_recurrent_layers_get_fisher_but_no_gram():
+    torch.manual_seed(0)
+    gru = nn.GRU(3, 4)
+    xs = [torch.randn(5, 2, 3)]
+    stats = calibrate(gru, {"": gru}, xs, loss=lambda m, b: m(b)[0].sum(), gram=False)
+    assert set(stats[""].parts) == {"weight_ih_l0", "weight_hh_l0"}
+    assert stats[""].part("weight_hh_l0").fisher.shape == (12, 4)
+    with pytest.raises(TensorSlimError, match="GRU/LSTM layers is not supported"):
+        calibrate(gru, {"": gru}, xs)
+
+
+def test_layers_whose_inputs_cannot_be_unfolded_are_refused_for_gram():
+    conv = nn.Conv2d(4, 4, 3, groups=2)
+    with pytest.raises(TensorSlimError, match="grouped convolution"):
+        calibrate(conv, {"c": conv}, [torch.randn(1, 4, 6, 6)])
+    stats = calibrate(
+        conv, {"c": conv}, [torch.randn(1, 4, 6, 6)], loss=lambda m, b: m(b).sum(), gram=False
+    )
+    assert stats["c"].fisher.shape == (4, 18)
+
+
+def test_hf_conv1d_fisher_is_shaped_like_its_matrix():
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    layer = pytorch_utils.Conv1D(5, 3)  # in 3, out 5; weight stored (3, 5)
+    xs = [torch.randn(2, 4, 3)]
+    stats = calibrate(layer, {"c": layer}, xs, loss=lambda m, b: m(b).square().sum())
+    assert stats["c"].fisher.shape == (5, 3)
+    rows = xs[0].reshape(-1, 3).double()
+    torch.testing.assert_close(stats["c"].gram, rows.T @ rows)

@@ -16,7 +16,7 @@ from tensorslim.errors import (
     UnsupportedLayerError,
 )
 from tensorslim.layers import LowRankConv, LowRankLinear, LowRankRNN
-from tensorslim.layers.attention import RoutedMultiheadAttention
+from tensorslim.layers.routed_mha import RoutedMultiheadAttention
 from tests.models import MODELS
 
 
@@ -64,7 +64,7 @@ def test_unsupported_layers_are_reported_with_reasons():
     model, x = _build("tokens")
     _, plan = tensorslim.compress(model, 0.5, example_input=x)
     reasons = {lp.name: lp.reason for lp in plan.layers}
-    assert "no factorizer registered for Embedding" in reasons["emb"]
+    assert "no handler registered for Embedding" in reasons["emb"]
     # nn.MultiheadAttention is factorized through its projections (model/attention.py)
     assert "MultiheadAttention" in (reasons["attn"] or "") or plan.layer("attn").compressible
     assert plan.layer("rnn").factorized  # recurrent matrices are factorized per matrix
@@ -148,10 +148,10 @@ def test_compress_again_skips_factorized_layers():
     model, x = _build("mlp")
     small, _ = tensorslim.compress(model, 0.5, example_input=x)
     _, plan2 = tensorslim.compress(small, 0.5, example_input=x)
-    assert all(lp.reason == "already factorized" for lp in plan2.layers if not lp.compressible)
+    assert all(lp.reason == "already compressed" for lp in plan2.layers if not lp.compressible)
     # with every layer factorized there is nothing left to compress: a clear error, not a no-op
     smaller, _ = tensorslim.compress(small, 0.1, example_input=x)
-    with pytest.raises(UnsupportedLayerError, match="nothing to compress.*already factorized"):
+    with pytest.raises(UnsupportedLayerError, match="nothing to compress.*already compressed"):
         tensorslim.compress(smaller, 0.5, example_input=x)
 
 
@@ -241,9 +241,9 @@ def test_infeasible_budget_warns():
 
 
 def test_custom_layer_type_is_added_by_registering():
-    """A layer type the library does not know becomes compressible with one register() call."""
-    from tensorslim.layers import LowRankLinear
-    from tensorslim.model import LinearSVD
+    """A layer type the library does not know becomes compressible with one handler."""
+    from tensorslim.core import unregister_handler
+    from tensorslim.layers.additive import Compressed
 
     class ScaledLinear(nn.Module):
         def __init__(self, n_in, n_out):
@@ -255,22 +255,34 @@ def test_custom_layer_type_is_added_by_registering():
         def forward(self, x):
             return 2.0 * nn.functional.linear(x, self.weight)
 
-    class ScaledLinearSVD(LinearSVD):
-        def apply(self, module, rank):
-            low = LowRankLinear.from_dense(module, rank)
-            return nn.Sequential(low, _Times2())
+    class Scaled(nn.Module, Compressed):
+        def __init__(self, op):
+            super().__init__()
+            self.op = op
 
-        def reconstructed_weight(self, factorized):
-            return factorized[0].dense_weight().detach()
-
-    class _Times2(nn.Module):
         def forward(self, x):
-            return 2.0 * x
+            return 2.0 * self.op(x)
+
+        def dense_weight(self):
+            return self.op.dense_weight()
+
+    class ScaledLinearHandler(tensorslim.Handler):
+        name = "scaled_linear"
+
+        def matrices(self, module):
+            return {"": module.weight.detach()}
+
+        def positions(self, module, site):
+            out = site.output_shape
+            return {"": None if out is None else math.prod(out) // module.out_features}
+
+        def assemble(self, module, ops):
+            return module if ops[""] is None else Scaled(ops[""])
 
     model = nn.Sequential(ScaledLinear(64, 64), nn.ReLU(), ScaledLinear(64, 8))
-    with pytest.raises(UnsupportedLayerError, match="no factorizer registered for ScaledLinear"):
+    with pytest.raises(UnsupportedLayerError, match="no handler registered for ScaledLinear"):
         tensorslim.compress(model, 0.5)
-    tensorslim.register(ScaledLinear, "svd", ScaledLinearSVD())
+    tensorslim.register(ScaledLinear, ScaledLinearHandler)
     try:
         x = torch.randn(3, 64)
         small, plan = tensorslim.compress(model, 1.0)
@@ -278,7 +290,8 @@ def test_custom_layer_type_is_added_by_registering():
         small, plan = tensorslim.compress(model, 0.6, allocator="uniform")
         assert plan.layer("0").factorized and abs(plan.achieved_keep - 0.6) <= 0.02
         assert small(x).shape == (3, 8)
+        full, _ = tensorslim.compress(model, 0.999, example_input=x)
+        with torch.no_grad():
+            assert small(x).shape == full(x).shape
     finally:
-        from tensorslim.model.registry import _REGISTRY
-
-        _REGISTRY.pop((ScaledLinear, "svd"))
+        unregister_handler(ScaledLinear)

@@ -12,7 +12,12 @@ from typer.testing import CliRunner
 
 from tensorslim.cli import app
 from tensorslim.decompose.cuts import all_cuts, cut_by_name, norm_loss, truncate_cut, truncate_mps
-from tensorslim.study.truncation import conv_layers, truncation_study
+from tensorslim.study.truncation import (
+    conv_layers,
+    truncate_along,
+    truncated_copy,
+    truncation_study,
+)
 
 
 def kernel(shape=(6, 5, 3, 3), seed=0):
@@ -84,6 +89,23 @@ def test_norm_loss_of_zero_kernel():
     assert norm_loss(z, z) == (0.0, 0.0)
 
 
+@pytest.mark.parametrize("cut", all_cuts(), ids=lambda c: c.name)
+def test_study_truncation_through_the_lowrank_compressor_matches_truncate_cut(cut):
+    kernels = (kernel(), kernel().float(), torch.zeros(3, 2, 2, 2))
+    for level in ({"chi": 1}, {"chi": 3}, {"chi": 10**6}, {"retain": 0.8}):
+        for k in kernels:
+            want, got = truncate_cut(k, cut, **level), truncate_along(k, cut, **level)
+            assert (got.bond, got.max_bond) == (want.bond, want.max_bond)
+            assert got.kernel.dtype == k.dtype
+            torch.testing.assert_close(got.kernel, want.kernel)
+            assert got.norm_loss == pytest.approx(want.norm_loss, abs=1e-9)
+            assert got.norm_loss_sq == pytest.approx(want.norm_loss_sq, abs=1e-9)
+    with pytest.raises(ValueError):
+        truncate_along(kernel(), cut, chi=2, retain=0.5)
+    with pytest.raises(ValueError):
+        truncate_along(kernel(), cut, retain=1.5)
+
+
 class Tiny(nn.Module):
     def __init__(self):
         super().__init__()
@@ -93,6 +115,16 @@ class Tiny(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+
+def test_truncated_copy_truncates_the_named_convs_only():
+    torch.manual_seed(0)
+    net = Tiny()
+    out, facts = truncated_copy(net, ["c2"], "out|in,kh,kw", ("chi", 2.0))
+    assert len(facts) == 1 and facts[0].bond == 2
+    assert torch.linalg.matrix_rank(out.c2.weight.detach().reshape(8, -1)) == 2
+    assert torch.equal(out.c1.weight, net.c1.weight)
+    assert not torch.equal(out.c2.weight, net.c2.weight)
 
 
 def test_truncation_study_rows_and_recovery():

@@ -60,7 +60,8 @@ def test_data_aware_methods_hit_keep_and_run(method, allocator):
         allocator=allocator,
         calibration=_batches(x, y),
         loss=_ce,
-        method_options={"iters": 5},
+        # options are per compressor: only fvd has `iters`
+        method_options={"iters": 5} if method == "fvd" else None,
     )
     assert abs(plan.achieved_keep - 0.4) <= 0.02
     assert plan.meta["objective"] == {"fwsvd": "fisher", "fvd": "fisher"}.get(method, "feature")
@@ -183,7 +184,7 @@ def test_data_aware_refusals():
         tensorslim.compress(model, 0.5, method="whitened")
     with pytest.raises(TensorSlimError, match="objective"):
         tensorslim.compress(model, 0.5, calibration=_batches(x, y), objective="bogus")
-    with pytest.raises(TensorSlimError, match="method_options"):
+    with pytest.raises(TensorSlimError, match="unknown option 'x'.*'whitened'.*options are: damp"):
         tensorslim.compress(
             model, 0.5, method="whitened", calibration=_batches(x, y), method_options={"x": 1}
         )

@@ -129,12 +129,28 @@ def test_compress_unseen_recurrent_model(tmp_path, allocator):
         assert torch.equal(restored(x), small(x))
 
 
-def test_rnn_options_are_a_monotone_path():
-    from tensorslim.model import RNNSVD, LayerSite
+def test_rnn_proposals_are_a_monotone_path_per_matrix():
+    """Each gate matrix is its own allocation unit: its proposals cost more and lose less as the
+    rank rises, and every one is cheaper than the dense matrix."""
+    from tensorslim.core import LayerSite, get_compressor, handler_for
+    from tensorslim.core.cost import dense_cost, matrix_targets
 
     m = nn.GRU(10, 20, num_layers=2)
-    opts = RNNSVD().options(m, LayerSite(""))
-    dense = sum(p.numel() for p in m.parameters())
-    assert all(o.params < dense for o in opts)
-    assert all(a.params < b.params for a, b in zip(opts, opts[1:]))
-    assert all(a.error >= b.error - 1e-12 for a, b in zip(opts, opts[1:]))
+    targets = matrix_targets(m, handler_for(m), LayerSite(""))
+    assert sorted(targets) == sorted(n for n, _ in m.named_parameters() if n.startswith("weight"))
+    for target in targets.values():
+        opts = get_compressor("svd").proposals(target)
+        assert all(o.cost.params < dense_cost(target).params for o in opts)
+        assert all(a.cost.params < b.cost.params for a, b in zip(opts, opts[1:]))
+        assert all(a.error >= b.error - 1e-12 for a, b in zip(opts, opts[1:]))
+
+
+def test_rnn_global_allocation_loses_less_with_more_budget():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.GRU(10, 20, num_layers=2))
+    errs = []
+    for keep in (0.3, 0.5, 0.7, 0.9):
+        _, plan = tensorslim.compress(model, keep)
+        assert plan.achieved_keep <= keep + 0.02
+        errs.append(plan.layer("0").rel_error)
+    assert all(a >= b - 1e-9 for a, b in zip(errs, errs[1:]))

@@ -6,9 +6,10 @@ from models import MODELS
 from torch import nn
 
 from tensorslim import apply_plan, compress
+from tensorslim.core import LayerSite, LayerTarget, handler_for
+from tensorslim.core.cost import matrix_targets
 from tensorslim.io import load, save
-from tensorslim.model import find
-from tensorslim.model.registry import LayerSite
+from tensorslim.search.auto import AUTO_KINDS, auto_members, auto_proposals
 
 METHODS = ["cp", "tucker2", "tt", "spatial_svd", "auto"]
 
@@ -95,17 +96,25 @@ def test_cp_plan_records_convergence():
 
 
 def test_auto_options_dominate_every_method():
-    """Every option of every method is matched or beaten (cost and error) by an auto option."""
+    """Every proposal of every kind is matched or beaten (cost and error) by an auto proposal."""
     torch.manual_seed(0)
     conv = nn.Conv2d(12, 20, 3, padding=1)
+    h = handler_for(conv)
     site = LayerSite("x", None, (1, 20, 8, 8))  # no input shape: no latency guard
-    auto = find(conv, "auto").options(conv, site)
-    errors = [o.error for o in auto]
+    auto = auto_proposals(conv, h, site)
+    errors = [p.error for p in auto]
     assert errors == sorted(errors, reverse=True)
-    assert {o.method for o in auto} <= {"svd", "cp", "tucker2", "tt", "spatial_svd"}
-    for method in ("svd", "cp", "tucker2", "tt", "spatial_svd"):
-        for o in find(conv, method).options(conv, site):
-            assert any(a.params <= o.params and a.error <= o.error + 1e-12 for a in auto)
+    assert {p.component.kind for p in auto} <= set(AUTO_KINDS)
+    members = auto_members(conv, h)
+    assert {c.kind for c in members} == set(AUTO_KINDS)
+    for comp in members:
+        target = LayerTarget("x", conv, site, h) if comp.form == "layer" else None
+        if target is None:
+            target = matrix_targets(conv, h, site)[""]
+        for o in comp.proposals(target):
+            assert any(
+                a.cost.params <= o.cost.params and a.error <= o.error + 1e-12 for a in auto
+            )
 
 
 def test_auto_is_at_least_as_good_as_each_method_per_layer():

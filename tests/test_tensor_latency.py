@@ -1,18 +1,17 @@
 """Latency-aware choices: cost="latency", flags for factorizations slower than dense, auto's guard,
 and the rank-rounding rule. Timing-dependent facts are checked for consistency, not for speed."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 from torch import nn
 
+import tensorslim.handlers  # noqa: F401  (registers the handlers)
 from tensorslim import compress
-from tensorslim.errors import TensorSlimError
-from tensorslim.model import find
-from tensorslim.model import latency_cost as lc
-from tensorslim.model import tensor_factorizers as tf
-from tensorslim.model.registry import LayerSite
+from tensorslim.core import Component, LayerSite, LayerTarget, get_compressor, handler_for
+from tensorslim.errors import ExampleInputError, TensorSlimError
+from tensorslim.search import auto
+from tensorslim.search import latency as lc
+from tensorslim.search.timing import Latency, compare_models, measure_latency
 
 
 class Small(nn.Module):
@@ -36,21 +35,57 @@ def test_latency_cost_needs_an_example_input():
         compress(Small(), 0.5, cost="latency")
 
 
-def test_latency_options_are_faster_than_dense_and_pareto():
+def test_latency_proposals_are_faster_than_dense_and_pareto():
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 3, padding=1)
+    h = handler_for(conv)
     site = LayerSite("b", (4, 16, 12, 12), (4, 24, 12, 12))
-    f = find(conv, "tucker2")
-    opts, costs, dense = lc.latency_options(f, conv, site, f.options(conv, site))
-    assert len(opts) == len(costs) <= lc.MAX_MEASURED
+    props = get_compressor("tucker2").proposals(LayerTarget("b", conv, site, h))
+    kept, costs, dense = lc.latency_proposals(conv, h, site, props)
+    assert len(kept) == len(costs) <= lc.MAX_MEASURED
     assert all(c < dense for c in costs)
     assert costs == sorted(costs)
-    errors = [o.error for o in opts]
+    errors = [p.error for p in kept]
     assert errors == sorted(errors, reverse=True)
-    # cached: the same shape, method and rank is not timed again
+    assert all(p in props for p in kept)
+    # cached: the same shape, kind and rank is not timed again
     n = len(lc._CACHE)
-    lc.latency_options(f, conv, site, f.options(conv, site))
+    lc.latency_proposals(conv, h, site, props)
     assert len(lc._CACHE) == n
+
+
+def test_latency_proposals_need_the_input_shape():
+    conv = nn.Conv2d(16, 24, 3, padding=1)
+    with pytest.raises(ExampleInputError, match="did not run on the example input"):
+        lc.latency_proposals(conv, handler_for(conv), LayerSite("b"), [])
+
+
+def test_latency_facts_time_the_spec_built_empty():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, padding=1)
+    h = handler_for(conv)
+    site = LayerSite("b", (2, 16, 10, 10), (2, 24, 10, 10))
+    for spec in ([Component("cp", {"rank": 12})], [{"kind": "lowrank", "rank": 8}]):
+        facts = lc.latency_facts(conv, h, spec, site)
+        assert facts["latency_ms"] > 0 and facts["dense_latency_ms"] > 0
+        assert facts["input_shape"] == [2, 16, 10, 10]
+        assert facts["latency_dtype"] == "float32" and "latency_dtype_note" not in facts
+        slower = facts["latency_ms"] >= facts["dense_latency_ms"]
+        assert facts.get("slower_than_dense", False) == slower
+    assert lc.latency_facts(conv, h, [], site) == {}
+    assert lc.latency_facts(conv, h, [Component("cp", {"rank": 12})], LayerSite("b")) == {}
+    assert lc.describe([Component("lowrank", {"rank": 8})]) == "its 'svd' factorization at rank 8"
+
+
+def test_measure_and_compare_models_restore_modes():
+    net = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.1)).train()
+    x = torch.randn(4, 8)
+    lat = measure_latency(net, x, rounds=2, min_run_time=0.001)
+    assert isinstance(lat, Latency) and lat.median_ms > 0 and len(lat.round_medians_ms) == 2
+    assert lat.median_ms == min(lat.round_medians_ms)
+    a, b = compare_models([net, nn.Linear(8, 8)], x, rounds=1, min_run_time=0.001)
+    assert a.median_ms > 0 and b.median_ms > 0
+    assert net.training and net[1].training
 
 
 def test_compress_with_latency_cost_spends_a_latency_budget():
@@ -76,43 +111,41 @@ def test_tensor_methods_record_latency_and_flag_slow_layers():
                 assert "slower than dense" in lp.reason
 
 
-def test_auto_guard_drops_options_slower_than_dense(monkeypatch):
-    """With a synthetic latency model (CP slower than dense beyond rank 10, every other method
-    faster), auto keeps no CP option above rank 10; and where nothing is faster, slow options stay
-    so that a budget can be met."""
+def test_auto_guard_drops_proposals_slower_than_dense(monkeypatch):
+    """With a synthetic latency model (CP slower than dense beyond rank 10, every other kind
+    faster), auto keeps no CP proposal above rank 10 where a fast one is near its cost; and where
+    nothing is faster, slow proposals stay so that a budget can be met."""
+    torch.manual_seed(0)
     conv = nn.Conv2d(12, 20, 3, padding=1)
+    h = handler_for(conv)
     site = LayerSite("x", (1, 12, 8, 8), (1, 20, 8, 8))
 
-    def fake(factorizer, module, rank, input_shape, min_run_time=0.0):
-        if factorizer.method == "cp":
-            return 2.0 if rank > 10 else 0.5
+    def slow(p):
+        return p.component.kind == "cp" and p.component["rank"] > 10
+
+    def fake(module, handler, spec, site, min_run_time=0.0):
+        (c,) = spec
+        if c.kind == "cp":
+            return 2.0 if c["rank"] > 10 else 0.5
         return 0.1
 
-    monkeypatch.setattr(lc, "factorized_latency", fake)
+    monkeypatch.setattr(lc, "spec_latency", fake)
     monkeypatch.setattr(lc, "dense_latency", lambda module, shape, min_run_time=0.0: 1.0)
-    auto = find(conv, "auto")
-    assert auto.options(conv, site)
-    slack = 1 - tf.LATENCY_SWAP_SLACK
-    pooled = auto._faster_than_dense(
-        conv,
-        site,
-        [
-            replace(o, rank=(f.method, o.rank), method=f.method)
-            for f in auto._members(conv)
-            for o in f.options(conv, site)
-        ],
-    )
-    fast_params = [o.params for o in pooled if not (o.method == "cp" and o.rank[1] > 10)]
-    for o in pooled:
-        if o.method == "cp" and o.rank[1] > 10:  # kept only where no fast option is near its cost
-            assert not any(slack * o.params <= p <= o.params for p in fast_params)
-    assert len(pooled) < sum(len(f.options(conv, site)) for f in auto._members(conv))
-    auto.latency_guard = False
-    try:
-        free = auto.options(conv, site)
-    finally:
-        auto.latency_guard = True
-    assert any(o.method == "cp" and o.rank[1] > 10 for o in free)
+    assert auto.auto_proposals(conv, h, site)
+    pooled = [
+        p
+        for comp in auto.auto_members(conv, h)
+        for p in comp.proposals(auto._target(comp, conv, h, site))
+    ]
+    kept = auto.faster_than_dense(conv, h, site, pooled)
+    slack = 1 - auto.LATENCY_SWAP_SLACK
+    fast_params = [p.cost.params for p in kept if not slow(p)]
+    for p in kept:
+        if slow(p):  # kept only where no fast proposal is near its cost
+            assert not any(slack * p.cost.params <= q <= p.cost.params for q in fast_params)
+    assert len(kept) < len(pooled)
+    free = auto.auto_proposals(conv, h, site, latency_guard=False)
+    assert any(slow(p) for p in free)
 
-    monkeypatch.setattr(lc, "factorized_latency", lambda *a, **k: 5.0)  # everything slower
-    assert [o.rank for o in auto.options(conv, site)] == [o.rank for o in free]
+    monkeypatch.setattr(lc, "spec_latency", lambda *a, **k: 5.0)  # everything slower
+    assert auto.auto_proposals(conv, h, site) == free

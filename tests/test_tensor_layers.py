@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tensorslim.decompose import tensor as T
-from tensorslim.layers import CPConv, SpatialSVDConv, TTConv, Tucker2Conv
+from tensorslim.layers import Compressed, CPConv, SpatialSVDConv, TTConv, Tucker2Conv
 
 GEOMETRIES_2D = [
     {"kernel_size": 3, "stride": 1, "padding": 1},
@@ -82,6 +82,7 @@ def test_chain_equals_conv_with_reconstructed_kernel(dims, geometry, cls):
     bias = 0 if conv.bias is None else conv.bias.numel()
     assert sum(p.numel() for p in layer.parameters()) == params_formula(cls, shape, rank) + bias
     assert all(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in layer.children())
+    assert isinstance(layer, Compressed)  # layer search never looks inside the chain
     empty = cls.empty_like(conv, layer.rank)
     assert {k: v.shape for k, v in empty.state_dict().items()} == {
         k: v.shape for k, v in layer.state_dict().items()

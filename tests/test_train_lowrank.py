@@ -4,9 +4,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from tensorslim.core.handler import Handler, handler_for
 from tensorslim.errors import TensorSlimError
 from tensorslim.train.lowrank import (
     Adaptations,
+    MatrixLayout,
     fit_lowrank,
     hard_lowrank_,
     lowrank_matrices,
@@ -81,6 +83,81 @@ def test_hard_lowrank_truncates_in_place():
     assert max(again.values()) < 1e-5
     with pytest.raises(TensorSlimError):
         hard_lowrank_(mats, 0)
+
+
+def _hf_conv1d(nf: int, nx: int) -> nn.Module:
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    return pytorch_utils.Conv1D(nf, nx)
+
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(7, 5), "reshape"),
+    "conv2d": (lambda: nn.Conv2d(3, 6, (3, 2)), "reshape"),
+    "hf_conv1d": (lambda: _hf_conv1d(9, 4), "transpose"),
+    "mha": (lambda: nn.MultiheadAttention(8, 2), "reshape"),
+    "lstm": (lambda: nn.LSTM(5, 6, num_layers=2), "reshape"),
+}
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_matrix_layout_reads_and_writes_each_handler_matrix(kind):
+    make, view = LAYERS[kind]
+    torch.manual_seed(0)
+    module = make()
+    handler = handler_for(module)
+    params = handler.weight_parameters(module)
+    for part, expected in handler.matrices(module).items():
+        layout = MatrixLayout.of(handler, module, part)
+        assert layout.view == view
+        torch.testing.assert_close(layout.matrix(params[part].detach()), expected, rtol=0, atol=0)
+        new = torch.randn(expected.shape)
+        layout.write_(params[part], new)
+        torch.testing.assert_close(handler.matrices(module)[part], new, rtol=0, atol=0)
+
+
+def test_matrix_layout_gathers_any_rearrangement_and_refuses_anything_else():
+    class Flipped(Handler):  # W is the parameter's rows reversed: neither reshape nor transpose
+        def matrices(self, module):
+            return {"": module.weight.detach().flip(0)}
+
+        def grad_matrix(self, module, part, grad):
+            return grad.flip(0)
+
+    class Summed(Flipped):  # not a rearrangement of the entries
+        def grad_matrix(self, module, part, grad):
+            return grad + grad.flip(0)
+
+    layer = nn.Linear(4, 3)
+    layout = MatrixLayout.of(Flipped(), layer, "")
+    assert layout.view == "gather"
+    torch.testing.assert_close(layout.matrix(layer.weight.detach()), layer.weight.detach().flip(0))
+    new = torch.randn(3, 4)
+    layout.write_(layer.weight, new)
+    torch.testing.assert_close(layer.weight.detach(), new.flip(0), rtol=0, atol=0)
+    with pytest.raises(TensorSlimError, match="rearrangement"):
+        MatrixLayout.of(Summed(), layer, "")
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "hf_conv1d", "mha"])
+def test_hard_lowrank_caps_the_rank_of_the_handler_matrix(kind):
+    torch.manual_seed(0)
+    module = LAYERS[kind][0]()
+    model = nn.Sequential(module)
+    mats = lowrank_matrices(model, (type(module),))
+    before = {k: w.detach().clone() for k, w in mats.items()}
+    handler = handler_for(module)
+    expected = sum(torch.linalg.svdvals(w).sum() for w in handler.matrices(module).values())
+    torch.testing.assert_close(nuclear_norm(mats).detach(), expected)
+    errs = hard_lowrank_(mats, 2)
+    assert set(errs) == set(mats) and all(0 < e < 1 for e in errs.values())
+    for w in handler.matrices(module).values():
+        assert torch.linalg.matrix_rank(w, rtol=1e-5) <= 2
+    for k, w in mats.items():  # the error is that of the handler matrix's truncation
+        layout = mats.layouts[k]
+        old = layout.matrix(before[k]).double()
+        s = torch.linalg.svdvals(old)
+        assert errs[k] == pytest.approx(float(s[2:].norm() / s.norm()), rel=1e-4)
+        assert w.shape == before[k].shape
 
 
 def test_nuclear_regularization_lowers_the_nuclear_norm_and_hard_steps_cap_rank():

@@ -7,7 +7,7 @@ from torch import nn
 
 import tensorslim
 from tensorslim.layers import LowRankLinear
-from tensorslim.layers.attention import RoutedMultiheadAttention
+from tensorslim.layers.routed_mha import RoutedMultiheadAttention
 from tests.models import MODELS
 
 METHODS = ["svd", "fwsvd", "fvd", "whitened"]
@@ -73,7 +73,7 @@ def test_multihead_attention_projections_are_factorized(method, tmp_path):
         allocator="uniform",
         calibration=batches,
         loss=loss,
-        method_options={"iters": 3},
+        method_options={"iters": 3} if method == "fvd" else None,
     )
     lp = plan.layer("attn")
     assert lp.method == method and lp.compressible
@@ -93,15 +93,22 @@ def test_multihead_attention_projections_are_factorized(method, tmp_path):
 
 
 def test_multihead_attention_full_rank_pair_is_nearly_exact():
+    from tensorslim.core import Component, LayerSite, build_layer, get_compressor, handler_for
+    from tensorslim.core.cost import dense_cost, matrix_targets
+
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
-    f = tensorslim.model.find(mha, "svd")
-    opts = f.options(mha, tensorslim.model.LayerSite("attn"))
-    assert [o.params for o in opts] == sorted(o.params for o in opts)
-    assert all(o.params < f.dense_params(mha) for o in opts)
-    assert opts[0].error > opts[-1].error >= 0
+    handler = handler_for(mha)
+    targets = matrix_targets(mha, handler, LayerSite("attn"))
+    assert sorted(targets) == ["in_proj", "out_proj"]
+    for target in targets.values():
+        opts = get_compressor("svd").proposals(target)
+        assert [o.cost.params for o in opts] == sorted(o.cost.params for o in opts)
+        assert all(o.cost.params < dense_cost(target).params for o in opts)
+        assert opts[0].error > opts[-1].error >= 0
     x = torch.randn(2, 5, 8)
-    routed = f.apply(mha, (8, 8))  # full ranks: the same function
+    spec = [Component("lowrank", {"rank": [8, 8]})]  # full ranks: the same function
+    routed, _ = build_layer(mha, handler, spec, LayerSite("attn"))
     with torch.no_grad():
         assert torch.allclose(routed(x, x, x)[0], mha(x, x, x)[0], atol=1e-5)
 
@@ -167,7 +174,7 @@ def test_random_hf_models_compress_and_run(arch, method):
         method=method,
         calibration=batches,
         loss=loss,
-        method_options={"iters": 3},
+        method_options={"iters": 3} if method == "fvd" else None,
         exclude=["lm_head"],
     )
     assert abs(plan.achieved_keep - 0.5) <= 0.03
@@ -190,12 +197,14 @@ def test_gpt2_conv1d_full_rank_svd_is_exact():
 
     torch.manual_seed(0)
     conv = Conv1D(12, 8)  # nf=12 outputs, nx=8 inputs: weight (8, 12)
-    f = tensorslim.model.find(conv, "svd")
-    layer = f.apply(conv, 8)
+    from tensorslim.core import Component, LayerSite, build_layer, handler_for
+
+    handler = handler_for(conv)
+    layer, _ = build_layer(conv, handler, [Component("lowrank", {"rank": 8})], LayerSite(""))
     x = torch.randn(3, 5, 8)
     with torch.no_grad():
         assert torch.allclose(layer(x), conv(x), atol=1e-5)
-    assert f.weight(conv).shape == (12, 8)
+    assert handler.matrices(conv)[""].shape == (12, 8)
 
 
 def test_whitened_hf_bert_beats_svd_on_calibration_outputs():

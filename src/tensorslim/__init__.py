@@ -1,15 +1,37 @@
 """tensorslim: make trained PyTorch networks smaller and faster with low-rank and tensor
 decompositions, and show honestly what that cost."""
 
+import tensorslim.compressors  # noqa: F401  (registers the built-in compressors)
+import tensorslim.handlers  # noqa: F401  (registers the built-in layer handlers)
 from tensorslim._version import __version__
 from tensorslim.api import analyze, apply_plan, compress
+from tensorslim.core import (
+    Component,
+    Compressor,
+    Cost,
+    Handler,
+    register_compressor,
+    register_handler,
+)
 from tensorslim.errors import TensorSlimError
 from tensorslim.io import export_onnx, load, save
-from tensorslim.model import measure_latency, register
 from tensorslim.plan import LayerPlan, Plan
-from tensorslim.plan.rank_tuning import RankTuningResult, rank_tuning
+from tensorslim.search.rank_tuning import RankTuningResult, rank_tuning
+from tensorslim.search.timing import measure_latency
+
+
+def register(module_type, handler) -> None:
+    """Handle layers of `module_type` (a class, or a qualified class name) with `handler` (a
+    tensorslim.Handler subclass or instance); the function form of @register_handler."""
+    cls = handler if isinstance(handler, type) else type(handler)
+    register_handler(module_type)(cls)
+
 
 __all__ = [
+    "Component",
+    "Compressor",
+    "Cost",
+    "Handler",
     "LayerPlan",
     "Plan",
     "RankTuningResult",
@@ -23,5 +45,7 @@ __all__ = [
     "measure_latency",
     "rank_tuning",
     "register",
+    "register_compressor",
+    "register_handler",
     "save",
 ]

@@ -1,8 +1,14 @@
-"""The public functions: compress a model to a budget, apply a saved plan, analyze layers."""
+"""The public functions: compress a model to a budget, apply a saved plan, analyze layers.
+
+compress is a pipeline of named steps, each a function in its own room:
+find layers (core.discover) -> trace shapes (core.discover) -> calibrate (calibrate.attach) ->
+propose (search.propose) -> allocate (plan.allocate) -> materialize (core.materialize) ->
+account (plan.account).
+"""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,38 +17,31 @@ from typing import Any
 import torch
 from torch import nn
 
-import tensorslim._calibration as _calibration
 from tensorslim._nested import tensors_in
 from tensorslim._progress import track
 from tensorslim._version import __version__
-from tensorslim.decompose import relative_error, singular_values, tail_energy
+from tensorslim.calibrate.attach import attach, check_objective, peek
+from tensorslim.core.compressor import option_names
+from tensorslim.core.cost import COST_MODELS
+from tensorslim.core.discover import LayerInfo, find_layers, run_model, trace_sites
+from tensorslim.core.handler import handler_for
+from tensorslim.core.materialize import LayerJob, materialize
+from tensorslim.core.modes import eval_mode
+from tensorslim.decompose import max_useful_rank, singular_values, tail_energy
 from tensorslim.errors import (
     ExampleInputError,
     TensorSlimError,
     UnsupportedLayerError,
     check_keep,
 )
-from tensorslim.model import (
-    LayerInfo,
-    count_params,
-    find,
-    find_layers,
-    get_submodule,
-    registered_methods,
-    replace_at,
-    run_model,
-    trace_sites,
-    with_objective,
-)
-from tensorslim.model.data_aware import check_method_options
-from tensorslim.model.latency_cost import flag_latency, latency_options
-from tensorslim.model.modes import eval_mode
-from tensorslim.model.tensor_factorizers import TENSOR_METHODS
 from tensorslim.plan import ALLOCATORS, DENSE, Candidate, LayerPlan, Plan
+from tensorslim.plan.account import layer_plan, make_plan
 from tensorslim.plan.apply import apply_plan  # noqa: F401  (public API, re-exported)
 from tensorslim.plan.plan import label
+from tensorslim.search.methods import AUTO, method_compressor, methods, resolver
+from tensorslim.search.propose import Unit, merge, propose
 
-COSTS = ("params", "flops", "latency")
+COSTS = tuple(COST_MODELS)
 # How many layers the "nothing to compress" error lists before "and N more".
 _SHOWN_LAYERS = 8
 
@@ -85,7 +84,7 @@ def _require_compressible(
             f"nothing to compress: {type(model).__name__} has no layer with a weight matrix "
             "(Linear, Conv, RNN, attention, ...)"
         )
-    candidates = [i for i in layers if i.factorizer is not None]
+    candidates = [i for i in layers if i.compressor is not None]
     if candidates and not any(i.selected for i in candidates):
         given = [f"{k}={v!r}" for k, v in (("include", include), ("exclude", exclude)) if v]
         head = f"no layer matches {' and '.join(given)}"
@@ -119,13 +118,15 @@ def compress(
     objective: str | None = None,
     method_options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, Plan]:
-    """Factorize `model`'s layers so that a fraction `keep` of their cost remains.
+    """Compress `model`'s layers so that a fraction `keep` of their cost remains.
 
-    keep: in (0, 1], fraction of the compressible layers' cost (parameters or FLOPs) that remains.
-    cost: "params" or "flops" (FLOPs need `example_input`, a tensor, tuple or dict of inputs).
-    method: a registered decomposition ("svd"). allocator: "global" (least summed relative squared
-    weight error for the budget) or "uniform" (same keep for every layer).
-    include / exclude: fnmatch patterns on dotted layer names.
+    keep: in (0, 1], fraction of the compressible layers' cost that remains. cost: "params",
+    "bits" (storage), "flops" or "latency" (measured CPU ms; FLOPs and latency need
+    `example_input`, a tensor, tuple or dict of inputs). method: a registered compressor's method
+    name or kind ("svd" = kind "lowrank", "fwsvd", "fvd", "whitened", "cp", "tucker2", "tt",
+    "spatial", or any added with @tensorslim.register_compressor) or "auto" (per conv layer the
+    best of several kinds). allocator: "global" (least summed error for the budget) or "uniform"
+    (same keep for every layer). include / exclude: fnmatch patterns on dotted layer names.
 
     Data-aware compression (methods "fwsvd", "fvd", "whitened", or any method with a data-aware
     objective): calibration is an iterable of model inputs (tensors, tuples of positional inputs or
@@ -133,151 +134,173 @@ def compress(
     loss(model, batch) -> scalar tensor, needed for the Fisher information ("fwsvd", "fvd",
     objective "fisher"). objective: what the allocator minimises per layer, "weight" (relative
     squared weight error), "fisher" (loss increase estimated from the Fisher diagonal) or "feature"
-    (relative squared output error on the calibration inputs); default per method (svd: weight,
-    fwsvd/fvd: fisher, whitened: feature). method_options: e.g. {"solver": "als", "iters": 30} for
-    fvd, {"damp": 1e-6} for whitened (tensorslim.model.data_aware.DEFAULTS lists them).
+    (relative squared output error on the calibration inputs); default per compressor (svd:
+    weight, fwsvd/fvd: fisher, whitened: feature). method_options: the method's compressor
+    options, e.g. {"solver": "als", "iters": 30} for fvd, {"damp": 1e-6} for whitened (an unknown
+    option is an error listing the compressor's options).
 
-    A module used at several places is factorized once and stays shared; a layer whose weight
-    is tied to a module that stays dense (a language model's head tied to its embedding) stays
-    dense. A model that is itself one layer (`nn.Linear(64, 64)`) is factorized as a whole: the
-    returned model is then the replacement, and the plan names the layer "" ("(model)").
+    A module used at several places is compressed once and stays shared; a layer whose weight is
+    tied to a module that stays dense (a language model's head tied to its embedding) stays dense.
+    A model that is itself one layer (`nn.Linear(64, 64)`) is compressed as a whole: the returned
+    model is then the replacement, and the plan names the layer "" ("(model)").
 
     Returns a new model (the input is never modified) and the Plan that was applied. Raises
-    UnsupportedLayerError, listing each layer's reason, when no layer can be factorized (also
+    UnsupportedLayerError, listing each layer's reason, when no layer can be compressed (also
     with keep=1.0: there is nothing to compress).
     """
     keep = check_keep(keep)
     _check_choice("cost", cost, COSTS)
-    _check_choice("method", method, registered_methods())
+    _check_choice("method", method, methods())
     _check_choice("allocator", allocator, list(ALLOCATORS))
-    _calibration.check_objective(objective)
-    check_method_options(method_options)  # before any batch is read or the model is run
+    objective = check_objective(objective)
+    compressor = method_compressor(method, method_options)  # before any batch is read
     example_given = example_input is not None
-    batches, example_input = _calibration.peek(calibration, example_input)
+    batches, example_input = peek(calibration, example_input)
     _check_example_input(example_input)
-    if cost in ("flops", "latency") and example_input is None:
+    if COST_MODELS[cost].needs_input and example_input is None:
         what = "FLOPs" if cost == "flops" else "CPU latency"
         raise TensorSlimError(
             f"cost={cost!r} needs example_input to measure the {what} of each layer"
         )
 
-    layers = find_layers(model, method, include, exclude)
+    # 1. find layers
+    layers = find_layers(model, resolver(compressor), include, exclude)
     _require_compressible(model, layers, method, include, exclude)
+    # 2. trace shapes
     if example_input is not None:
-        try:
-            _eval_mode_trace(model, layers, example_input)
-        except ExampleInputError as exc:
-            if example_given:
-                raise
-            raise ExampleInputError(
-                f"the model rejected calibration batch 0 (counting from 0), used as the example "
-                f"input: {exc}"
-            ) from exc
-        for info in layers:
-            if info.compressible and info.site.output_shape is None:
-                info.reason = "not executed on the example input"
+        _trace(model, layers, example_input, example_given)
         _require_compressible(model, layers, method, include, exclude)
-    data_meta = _calibration.attach(
-        model,
-        layers,
-        method,
-        batches,
-        loss=loss,
-        objective=objective,
-        method_options=method_options,
-        progress=progress,
+    # 3. calibrate
+    obj = objective or compressor.objective
+    options = {compressor.kind: compressor.options} if method != AUTO else {}
+    data_meta = attach(
+        model, layers, method, batches, loss=loss, objective=obj,
+        options=_options_dict(compressor), progress=progress,
     )
     _require_compressible(model, layers, method, include, exclude)
-    compressible = [info for info in layers if info.compressible]
+    # 4. propose
+    units = propose(
+        layers, cost=cost, objective=obj, latency=_latency_proposals if cost == "latency" else None,
+        progress=lambda xs: track(xs, "Analysing layers", progress),
+    )
+    # 5. allocate
+    selection = allocate(units, keep, allocator)
+    # 6. materialize
+    jobs = layer_jobs(layers, units, selection)
+    compressed = materialize(
+        model, jobs.values(), handler_of=handler_for, options=options,
+        progress=lambda xs: track(xs, "Factorizing", progress),
+    )
+    # 7. account
+    plan = _account(
+        model, compressed, layers, jobs, units, selection,
+        keep=keep, cost=cost, method=method, allocator=allocator, example_input=example_input,
+        meta=data_meta, compressor=compressor,
+    )
+    if example_input is not None:
+        with eval_mode(compressed):
+            run_model(compressed, example_input)
+    return compressed, plan
 
-    candidates, options = [], []
-    for info in track(compressible, "Analysing layers", progress):
-        opts = with_objective(
-            info.factorizer, info.module, info.site, info.factorizer.options(info.module, info.site)
-        )
-        dense = info.params() if cost == "params" else info.flops()
-        costs = [o.params if cost == "params" else o.flops for o in opts]
-        if cost == "latency":  # measured milliseconds on the layer's input (model/latency_cost.py)
-            opts, costs, dense = latency_options(info.factorizer, info.module, info.site, opts)
-        candidates.append(Candidate(info.name, dense, costs, [o.error for o in opts]))
-        options.append(opts)
 
+def _trace(model: nn.Module, layers: list[LayerInfo], example_input: Any, given: bool) -> None:
+    """Trace shapes in eval mode (BatchNorm statistics and dropout of the model untouched)."""
+    try:
+        with eval_mode(model):
+            trace_sites(model, layers, example_input)
+    except ExampleInputError as exc:
+        if given:
+            raise
+        raise ExampleInputError(
+            f"the model rejected calibration batch 0 (counting from 0), used as the example "
+            f"input: {exc}"
+        ) from exc
+    for info in layers:
+        if info.compressible and info.site.output_shape is None:
+            info.reason = "not executed on the example input"
+
+
+def _options_dict(compressor: Any) -> dict[str, Any]:
+    opts = compressor.options
+    return {k: getattr(opts, k) for k in option_names(type(compressor))}
+
+
+def _latency_proposals(info: LayerInfo, proposals: list) -> tuple[list, list[float], float]:
+    from tensorslim.search.latency import latency_proposals
+
+    return latency_proposals(info.module, info.handler, info.site, proposals)
+
+
+def allocate(units: list[Unit], keep: float, allocator: str) -> list[int]:
+    """One choice per unit (DENSE or a proposal index) for the budget keep x the dense cost."""
     if keep >= 1.0:
-        selection = [DENSE] * len(candidates)
-    else:
-        budget = keep * sum(c.dense_cost for c in candidates)
-        selection = ALLOCATORS[allocator](candidates, budget)
+        return [DENSE] * len(units)
+    candidates = [
+        Candidate(u.name, u.dense_value, u.values, [p.error for p in u.proposals]) for u in units
+    ]
+    budget = keep * sum(c.dense_cost for c in candidates)
+    return ALLOCATORS[allocator](candidates, budget)
 
-    compressed = copy.deepcopy(model)
-    chosen = {c.name: (i, opts) for c, i, opts in zip(candidates, selection, options)}
-    plans = []
-    for info in track(layers, "Factorizing", progress):
-        lp = LayerPlan(
-            name=info.name,
-            type=info.type_name,
-            shape=list(info.shape),
-            params_before=info.params(),
-            params_after=info.params(),
-            flops_before=info.flops(),
-            flops_after=info.flops(),
-            reason=info.reason,
-            compressible=info.compressible,
-        )
-        if info.aliases:
-            lp.extra["aliases"] = list(info.aliases)
+
+def layer_jobs(
+    layers: list[LayerInfo], units: list[Unit], selection: list[int]
+) -> dict[str, LayerJob]:
+    """Each compressible layer's job: its spec merged from its units' chosen proposals."""
+    chosen: dict[str, list] = {}
+    for u, i in zip(units, selection):
+        if i != DENSE:
+            chosen.setdefault(u.info.name, []).append(u.proposals[i])
+    jobs = {}
+    for info in layers:
         if info.compressible:
-            i, opts = chosen[info.name]
-            if i == DENSE:
-                lp.reason = (
-                    "keep=1.0" if keep >= 1.0 else f"kept dense by the {allocator} allocator"
-                )
-                lp.rel_error = 0.0
-            else:
-                opt = opts[i]
-                new, extra = info.factorizer.apply_site(
-                    get_submodule(compressed, info.name), opt.rank, info.site
-                )
-                lp.extra.update(extra)
-                compressed = replace_at(compressed, info.names, new)
-                lp.method, lp.rank = _plan_method(info, opt, method)
-                lp.params_after, lp.flops_after = opt.params, opt.flops
-                if info.note:
-                    lp.reason = info.note
-                lp.extra["keep"] = round(opt.params / lp.params_before, 6)
-                lp.extra["compression"] = round(1 - opt.params / lp.params_before, 6)
-                if info.site.input_shape and (cost == "latency" or method in TENSOR_METHODS):
-                    _flag_latency(info, lp)
-                lp.rel_error = relative_error(
-                    info.factorizer.weight(info.module), info.factorizer.reconstructed_weight(new)
-                )
+            picked = chosen.get(info.name, [])
+            spec = merge(info, picked) if picked else []
+            jobs[info.name] = LayerJob(info.names, spec, info.site)
+    return jobs
+
+
+def _account(
+    model: nn.Module,
+    compressed: nn.Module,
+    layers: list[LayerInfo],
+    jobs: dict[str, LayerJob],
+    units: list[Unit],
+    selection: list[int],
+    *,
+    keep: float,
+    cost: str,
+    method: str,
+    allocator: str,
+    example_input: Any,
+    meta: dict[str, Any],
+    compressor: Any,
+) -> Plan:
+    options = {compressor.kind: compressor.options} if method != AUTO else {}
+    dense_reason = "keep=1.0" if keep >= 1.0 else f"kept dense by the {allocator} allocator"
+    plans = []
+    for info in layers:
+        job = jobs.get(info.name)
+        lp = layer_plan(info, job, compressed, options=options, dense_reason=dense_reason)
+        timed = cost == "latency" or compressor.form == "layer"  # tensor methods and "auto"
+        if timed and job is not None and job.spec and info.site.input_shape:
+            _flag_latency(info, lp, job)
         plans.append(lp)
 
-    base = [lp for lp in plans if lp.compressible]
-    key_before = "params_before" if cost == "params" else "flops_before"
-    key_after = "params_after" if cost == "params" else "flops_after"
-    before = sum(getattr(lp, key_before) for lp in base)
-    after = sum(getattr(lp, key_after) for lp in base)
-    if cost == "latency":  # measured milliseconds of the compressible layers
-        before = sum(c.dense_cost for c in candidates)
-        after = sum(c.cost(i) for c, i in zip(candidates, selection))
-    flops_known = example_input is not None
-    plan = Plan(
-        layers=plans,
-        keep=keep,
-        cost=cost,
-        method=method,
-        allocator=allocator,
-        achieved_keep=(after / before) if before else 1.0,
-        model_params_before=count_params(model),
-        model_params_after=count_params(compressed),
-        model_flops_before=_sum_flops(plans, "flops_before") if flops_known else None,
-        model_flops_after=_sum_flops(plans, "flops_after") if flops_known else None,
+    def latency_keep() -> float:
+        before = sum(u.dense_value for u in units)
+        after = sum(u.dense_value if i == DENSE else u.values[i] for u, i in zip(units, selection))
+        return after / before if before else 1.0
+
+    plan = make_plan(
+        model, compressed, plans, keep=keep, cost=cost, method=method, allocator=allocator,
+        flops_known=example_input is not None, latency_keep=latency_keep,
         meta={
             "tensorslim": __version__,
             "torch": torch.__version__,
             "model_class": type(model).__name__,
             "example_input_shape": _input_shape(example_input),
-            **data_meta,
+            **meta,
+            "options": {k: _plain(v) for k, v in options.items()},
         },
     )
     if plan.achieved_keep > keep + 0.02:
@@ -285,20 +308,20 @@ def compress(
             f"over budget: achieved keep {plan.achieved_keep:.3f} > requested {keep:.3f}; the "
             "smallest factorizations of the compressible layers already cost more than the budget"
         )
-        warnings.warn(plan.meta["warning"], UserWarning, stacklevel=2)
-    if example_input is not None:
-        with eval_mode(compressed):
-            run_model(compressed, example_input)
-    return compressed, plan
+        warnings.warn(plan.meta["warning"], UserWarning, stacklevel=3)
+    return plan
 
 
-def _flag_latency(info: LayerInfo, lp: LayerPlan) -> None:
-    """Record the factorized and dense layer's measured CPU latency on the layer's input; flag a
-    factorization that is not faster than its dense layer."""
-    factorizer = find(info.module, lp.method)
-    if factorizer is None:
-        return
-    facts = flag_latency(factorizer, info.module, lp.rank, info.site)
+def _plain(options: Any) -> dict[str, Any]:
+    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
+
+
+def _flag_latency(info: LayerInfo, lp: LayerPlan, job: LayerJob) -> None:
+    """Record the compressed and dense layer's measured CPU latency on the layer's input; flag a
+    compression that is not faster than its dense layer."""
+    from tensorslim.search.latency import latency_facts
+
+    facts = latency_facts(info.module, info.handler, job.spec, info.site)
     lp.extra.update(facts)
     if facts.get("slower_than_dense"):
         note = (
@@ -306,22 +329,6 @@ def _flag_latency(info: LayerInfo, lp: LayerPlan) -> None:
             f"{facts['dense_latency_ms']:.3g} ms)"
         )
         lp.reason = f"{lp.reason}; {note}" if lp.reason else note
-
-
-def _plan_method(info: LayerInfo, opt: Any, method: str) -> tuple[str, Any]:
-    """The method and rank a plan records for the chosen option: "auto" records the method it
-    picked (its options carry it, their rank is (method, rank)); a fallback (a tensor method on a
-    Linear layer) records the method that did the work."""
-    if getattr(opt, "method", None):
-        return opt.method, opt.rank[1]
-    if info.note:
-        return info.factorizer.method, opt.rank
-    return method, opt.rank
-
-
-def _sum_flops(plans: list[LayerPlan], key: str) -> int | None:
-    vals = [getattr(lp, key) for lp in plans if getattr(lp, key) is not None]
-    return sum(vals) if vals else None
 
 
 @dataclass
@@ -349,12 +356,14 @@ def analyze(
     progress: bool = False,
 ) -> list[LayerReport]:
     """Per-layer shapes, costs and spectrum summary: the smallest rank keeping 90% / 99% of the
-    squared Frobenius norm (energy), and the largest rank that still saves parameters."""
-    _check_choice("method", method, registered_methods())
+    squared Frobenius norm (energy), and the largest rank that still saves parameters (layers
+    with one weight matrix)."""
+    _check_choice("method", method, methods())
     _check_example_input(example_input)
-    layers = find_layers(model, method)
+    layers = find_layers(model, resolver(method_compressor(method)))
     if example_input is not None:
-        _eval_mode_trace(model, layers, example_input)
+        with eval_mode(model):
+            trace_sites(model, layers, example_input)
     reports = []
     for info in track(layers, "Analysing spectra", progress):
         rep = LayerReport(
@@ -366,15 +375,15 @@ def analyze(
             info.compressible,
             info.reason,
         )
-        if info.factorizer is not None and hasattr(info.factorizer, "matrix"):
-            w = info.factorizer.matrix(info.module)
+        mats = info.handler.matrices(info.module) if info.handler is not None else {}
+        if len(mats) == 1:
+            w = next(iter(mats.values()))
             if torch.isfinite(w).all():
                 s = singular_values(w)
                 tails = tail_energy(s)
                 rep.rank90 = int((tails <= 0.10 + 1e-12).nonzero()[0])
                 rep.rank99 = int((tails <= 0.01 + 1e-12).nonzero()[0])
                 rep.singular_values = s.tolist()
-                opts = info.factorizer.options(info.module, info.site)
-                rep.max_useful_rank = opts[-1].rank if opts else 0
+                rep.max_useful_rank = max_useful_rank(*w.shape)
         reports.append(rep)
     return reports

@@ -222,8 +222,12 @@ def compress_cmd(
     weights: Path | None = WEIGHTS_OPT,
     trust_pickle: bool = TRUST_OPT,
     keep: str = typer.Option("0.5", "--keep", "-k", help="Fraction of the compressible cost kept."),
-    cost: str = typer.Option("params", help="Budget unit: params or flops."),
-    method: str = typer.Option("svd", help="Decomposition method."),
+    cost: str = typer.Option(
+        "params", help="Budget unit: params, bits (storage), flops or latency (measured ms)."
+    ),
+    method: str = typer.Option(
+        "svd", help="Compressor (svd, fwsvd, fvd, whitened, cp, tucker2, tt, spatial) or auto."
+    ),
     allocator: str = typer.Option("global", help="global or uniform."),
     include: list[str] | None = typer.Option(None, help="Only layers matching this pattern."),
     exclude: list[str] | None = typer.Option(None, help="Skip layers matching this pattern."),
@@ -269,7 +273,7 @@ def inspect(
 ) -> None:
     """Per-layer shapes, params, FLOPs and spectrum summary (ranks for 90% / 99% of the energy)."""
     from tensorslim.api import analyze
-    from tensorslim.plan.table import human
+    from tensorslim.plan.render import human
     from tensorslim.report import plot_spectra, rich_table
 
     net, example, _ = resolve_model(model or model_arg, weights, trust_pickle, input_shape)

@@ -10,12 +10,13 @@ from typing import Any
 
 import torch
 
-from tensorslim import zoo
+import tensorslim.zoo as zoo
 from tensorslim.api import compress
+from tensorslim.core.discover import count_params
 from tensorslim.io import atomic_write_file
-from tensorslim.model import compare_models, count_params
-from tensorslim.plan.table import human
+from tensorslim.plan.render import human
 from tensorslim.report import plot_accuracy_vs_keep
+from tensorslim.search.timing import compare_models
 from tensorslim.train import accuracy, fit
 
 

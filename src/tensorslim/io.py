@@ -27,8 +27,8 @@ from torch import nn
 
 from tensorslim._nested import tensors_in
 from tensorslim._version import __version__
+from tensorslim.core.modes import eval_mode
 from tensorslim.errors import ExampleInputError, TensorSlimError, WeightFileError
-from tensorslim.model.modes import eval_mode
 from tensorslim.plan import Plan
 from tensorslim.plan.apply import apply_plan
 

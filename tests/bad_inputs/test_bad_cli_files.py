@@ -94,7 +94,9 @@ def work(tmp_path_factory) -> Path:
     """A folder holding tiny.py (the user's model code) and a compressed tiny model, `saved`."""
     d = tmp_path_factory.mktemp("cli-files")
     (d / "tiny.py").write_text(TINY)
-    r = cli("compress", "--model", f"{d}/tiny.py:make", "--input-shape", "2,16", "--out", d / "saved")
+    r = cli(
+        "compress", "--model", f"{d}/tiny.py:make", "--input-shape", "2,16", "--out", d / "saved"
+    )
     assert r.exit_code == 0, r.output
     return d
 
@@ -193,8 +195,18 @@ def hf_folder(hf_saved, tmp_path) -> Path:
 
 @pytest.mark.parametrize(
     "name",
-    ["pipeline", "AutoModel", "__class__", "os", "PreTrainedModel", "BertConfig", "NoSuchModel",
-     5, ["BertModel"], "[/]"],
+    [
+        "pipeline",
+        "AutoModel",
+        "__class__",
+        "os",
+        "PreTrainedModel",
+        "BertConfig",
+        "NoSuchModel",
+        5,
+        ["BertModel"],
+        "[/]",
+    ],
 )
 def test_hf_class_outside_the_allow_list_is_refused(hf_folder, name):
     from tensorslim.hf import load_pretrained
@@ -306,9 +318,20 @@ def _out_case(case: str, folder: Path, tmp_path: Path, spec: str) -> tuple[list,
 
 
 OUT_CASES = [
-    "hf-model-folder", "forged-marker", "copied-marker", "file-added", "weights-changed",
-    "symlink-inside", "out-is-a-symlink", "out-is-a-file", "out-holds-weights", "out-is-weights",
-    "out-under-weights", "out-holds-model-code", "out-dot", "out-parent-of-cwd",
+    "hf-model-folder",
+    "forged-marker",
+    "copied-marker",
+    "file-added",
+    "weights-changed",
+    "symlink-inside",
+    "out-is-a-symlink",
+    "out-is-a-file",
+    "out-holds-weights",
+    "out-is-weights",
+    "out-under-weights",
+    "out-holds-model-code",
+    "out-dot",
+    "out-parent-of-cwd",
 ]
 
 
@@ -408,8 +431,9 @@ def tiny_small():
 
 @pytest.mark.parametrize("kind", ["no-space", "too-large", "read-only"])
 @pytest.mark.parametrize("how", ["api-save", "cli-compress", "cli-export"])
-def test_write_failures_are_one_clean_error(folder, tmp_path, spec, monkeypatch, tiny_small, kind,
-                                            how):
+def test_write_failures_are_one_clean_error(
+    folder, tmp_path, spec, monkeypatch, tiny_small, kind, how
+):
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"an earlier export")
     snap = Snapshot(folder, onnx)
@@ -438,7 +462,9 @@ def test_lowrank_rnn_exports_and_matches_pytorch(work, tmp_path, factory):
     r = cli("compress", "--model", spec, "--input-shape", "2,5,16", "--keep", "0.3", "--out", out)
     assert r.exit_code == 0, r.output
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["layers"][0]["extra"]["impl"] == "lowrank"
+    assert plan["layers"][0]["spec"][0]["kind"] == "lowrank"
+    back = tensorslim.load(_tiny_module()[factory](), out)
+    assert back.rnn.impl == "lowrank"  # "auto" picked the factored recurrence: export that one
     r = cli("export", out, "--onnx", tmp_path / "rnn.onnx", "--model", spec)
     assert r.exit_code == 0, r.output
     assert float(r.output.split("max abs difference")[1].split()[0]) < 1e-4
@@ -486,13 +512,25 @@ def test_float16_folder_exports_from_the_plans_shape(work, tmp_path):
     model = _tiny_module()["make_half"]().eval()
     small, plan = tensorslim.compress(model, 0.5, example_input=torch.randn(2, 16).half())
     tensorslim.save(small, plan, tmp_path / "half")
-    r = cli("export", tmp_path / "half", "--onnx", tmp_path / "h.onnx", "--model",
-            f"{work}/tiny.py:make_half")
+    r = cli(
+        "export",
+        tmp_path / "half",
+        "--onnx",
+        tmp_path / "h.onnx",
+        "--model",
+        f"{work}/tiny.py:make_half",
+    )
     assert r.exit_code == 0, r.output
     assert float(r.output.split("max abs difference")[1].split()[0]) < 1e-2
     # the same folder rebuilt in float32 is refused, with the dtype to use
-    r = cli("export", tmp_path / "half", "--onnx", tmp_path / "h.onnx", "--model",
-            f"{work}/tiny.py:make")
+    r = cli(
+        "export",
+        tmp_path / "half",
+        "--onnx",
+        tmp_path / "h.onnx",
+        "--model",
+        f"{work}/tiny.py:make",
+    )
     assert_cli_error(r, "float16", "float32", "model.to(torch.float16)")
 
 
@@ -511,16 +549,31 @@ def _state(**edits) -> dict[str, torch.Tensor]:
 
 WEIGHT_FILES = {
     "missing-key": (lambda: _state(**{"2_bias": None}), ["missing keys", "'2.bias'"]),
-    "unexpected-key": (lambda: {**_state(), "extra.weight": torch.zeros(2)},
-                       ["unexpected keys", "'extra.weight'"]),
-    "wrong-shape": (lambda: _state(**{"0_weight": torch.zeros(32, 15)}),
-                    ["'0.weight'", "[32, 15]", "[32, 16]"]),
-    "int8": (lambda: {k: v.to(torch.int8) for k, v in _state().items()},
-             ["int8", "float32", "'0.weight'", "integer"]),
-    "bool": (lambda: _state(**{"2_bias": torch.ones(4, dtype=torch.bool)}),
-             ["'2.bias'", "bool", "float32"]),
-    "several": (lambda: {"a": torch.zeros(1), "b": torch.zeros(1), "c": torch.zeros(1),
-                         "d": torch.zeros(1)}, ["'0.weight'", "'a'", "and 1 more"]),
+    "unexpected-key": (
+        lambda: {**_state(), "extra.weight": torch.zeros(2)},
+        ["unexpected keys", "'extra.weight'"],
+    ),
+    "wrong-shape": (
+        lambda: _state(**{"0_weight": torch.zeros(32, 15)}),
+        ["'0.weight'", "[32, 15]", "[32, 16]"],
+    ),
+    "int8": (
+        lambda: {k: v.to(torch.int8) for k, v in _state().items()},
+        ["int8", "float32", "'0.weight'", "integer"],
+    ),
+    "bool": (
+        lambda: _state(**{"2_bias": torch.ones(4, dtype=torch.bool)}),
+        ["'2.bias'", "bool", "float32"],
+    ),
+    "several": (
+        lambda: {
+            "a": torch.zeros(1),
+            "b": torch.zeros(1),
+            "c": torch.zeros(1),
+            "d": torch.zeros(1),
+        },
+        ["'0.weight'", "'a'", "and 1 more"],
+    ),
 }
 
 
@@ -549,8 +602,17 @@ def test_load_weights_casts_float_precision_only(tmp_path):
 
 def test_cli_refuses_integer_weights(tmp_path, spec):
     save_file({k: v.to(torch.int8) for k, v in _state().items()}, str(tmp_path / "w.safetensors"))
-    r = cli("compress", "--model", spec, "--weights", tmp_path / "w.safetensors",
-            "--input-shape", "2,16", "--out", tmp_path / "o")
+    r = cli(
+        "compress",
+        "--model",
+        spec,
+        "--weights",
+        tmp_path / "w.safetensors",
+        "--input-shape",
+        "2,16",
+        "--out",
+        tmp_path / "o",
+    )
     assert_cli_error(r, "int8", "float32", "'0.weight'")
     assert not (tmp_path / "o").exists()
 
@@ -561,8 +623,13 @@ SAVED_EDITS = {
     "float64": (lambda s: {k: v.double() for k, v in s.items()}, ["float64", "same dtype"]),
     "missing": (lambda s: dict(list(s.items())[1:]), ["missing keys"]),
     "unexpected": (lambda s: {**s, "extra": torch.zeros(3)}, ["unexpected keys", "'extra'"]),
-    "shape": (lambda s: {k: (torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if i == 0 else v)
-                         for i, (k, v) in enumerate(s.items())}, ["has shape"]),
+    "shape": (
+        lambda s: {
+            k: (torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if i == 0 else v)
+            for i, (k, v) in enumerate(s.items())
+        },
+        ["has shape"],
+    ),
 }
 
 
@@ -584,8 +651,18 @@ def test_saved_folder_weights_must_match_exactly(folder, case):
 
 # -- 17. example shapes are bounded ---------------------------------------------------------------
 BAD_SHAPE_TEXT = [
-    "1000000,1000000", "99999999999999999999,32", "-1,32", "0,16", "1.5,16", "2,,16",
-    "1,1,1,1,1,1,1,1,16", "abc", "\u0663,16", "1_0,16", "2,16,", "2147483648,1",
+    "1000000,1000000",
+    "99999999999999999999,32",
+    "-1,32",
+    "0,16",
+    "1.5,16",
+    "2,,16",
+    "1,1,1,1,1,1,1,1,16",
+    "abc",
+    "\u0663,16",
+    "1_0,16",
+    "2,16,",
+    "2147483648,1",
 ]
 
 
@@ -596,8 +673,19 @@ def test_input_shape_is_bounded(tmp_path, spec, text):
     assert not (tmp_path / "o").exists()
 
 
-BAD_PLAN_SHAPES = [[-1, 16], [0, 16], [True, 16], [2.0, 16], "2,16", [], [1] * 9,
-                   [2**31, 1], [2**20, 2**20], [[2], 16], {"0": 2}]
+BAD_PLAN_SHAPES = [
+    [-1, 16],
+    [0, 16],
+    [True, 16],
+    [2.0, 16],
+    "2,16",
+    [],
+    [1] * 9,
+    [2**31, 1],
+    [2**20, 2**20],
+    [[2], 16],
+    {"0": 2},
+]
 
 
 @pytest.mark.parametrize("shape", BAD_PLAN_SHAPES, ids=[json.dumps(s) for s in BAD_PLAN_SHAPES])
@@ -613,8 +701,16 @@ def test_plan_example_shape_is_bounded(folder, tmp_path, spec, shape):
 # -- 20. truncate options are range-checked -------------------------------------------------------
 @pytest.mark.parametrize(
     "option, value",
-    [("--mps", "-1"), ("--mps", "5"), ("--mps", "nan"), ("--mps", "0.5,x"), ("--chi", "0"),
-     ("--chi", "-3"), ("--chi", "1.5"), ("--retain", "0")],
+    [
+        ("--mps", "-1"),
+        ("--mps", "5"),
+        ("--mps", "nan"),
+        ("--mps", "0.5,x"),
+        ("--chi", "0"),
+        ("--chi", "-3"),
+        ("--chi", "1.5"),
+        ("--retain", "0"),
+    ],
 )
 def test_truncate_options_are_checked_before_training(tmp_path, option, value):
     r = cli("truncate", "digits-cnn", f"{option}={value}", "--out", tmp_path / "t")
@@ -623,7 +719,9 @@ def test_truncate_options_are_checked_before_training(tmp_path, option, value):
 
 
 # -- saved files follow the umask ----------------------------------------------------------------
-@pytest.mark.parametrize("mask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+@pytest.mark.parametrize(
+    "mask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)]
+)
 def test_outputs_follow_the_umask(tmp_path, tiny_small, mask, folder_mode, file_mode):
     old = os.umask(mask)
     try:

@@ -15,10 +15,8 @@ from torch import nn
 
 import tensorslim
 from tensorslim.calibrate import LayerStats
+from tensorslim.core import MatrixTarget, get_compressor
 from tensorslim.errors import ExampleInputError, TensorSlimError
-from tensorslim.layers import LowRankLinear
-from tensorslim.model import LayerSite
-from tensorslim.model.data_aware import NEEDS, LinearData
 from tests.bad_inputs.conftest import assert_same_state, expect_error, state_of
 from tests.models import MODELS
 
@@ -236,28 +234,37 @@ def test_generator_calibration_is_consumed_once_and_works():
 
 # --- defect 11: method_options and objective ------------------------------------------------------
 
+# method_options are the options of the method's compressor: whitened has `damp`; fvd has eps,
+# solver, iters, tol, lr and time_limit; fwsvd `eps`; svd `svd`.
 OPTION_CASES = {
-    "damp-str": ({"damp": "x"}, ("damp", "'x'", "finite number >= 0")),
-    "damp-negative": ({"damp": -1}, ("damp", "-1", ">= 0")),
-    "damp-nan": ({"damp": NAN}, ("damp", "nan", "finite")),
-    "solver-unknown": ({"solver": "zz"}, ("solver", "'zz'", "'als'", "'em'", "'adam'")),
-    "iters-negative": ({"iters": -5}, ("iters", "-5", "integer >= 1")),
-    "iters-bool": ({"iters": True}, ("iters", "True", "integer")),
-    "iters-float": ({"iters": 2.5}, ("iters", "2.5", "integer")),
-    "tol-inf": ({"tol": INF}, ("tol", "inf", "finite")),
-    "lr-zero": ({"lr": 0}, ("lr", "0", "> 0")),
-    "eps-zero": ({"eps": 0.0}, ("eps", "> 0")),
-    "time-limit-negative": ({"time_limit": -1}, ("time_limit", "-1", "> 0")),
-    "unknown-name": ({"dampening": 1}, ("dampening", "known", "'damp'", "'solver'")),
-    "objective-inside": ({"objective": "fisher"}, ("objective", "own argument")),
-    "not-a-dict": ("damp=1", ("must be a dict", "str", "'damp'")),
-    "list-of-pairs": ([("damp", 1.0)], ("must be a dict", "list")),
+    "damp-str": ("whitened", {"damp": "x"}, ("damp", "'x'", "finite number >= 0")),
+    "damp-negative": ("whitened", {"damp": -1}, ("damp", "-1", ">= 0")),
+    "damp-nan": ("whitened", {"damp": NAN}, ("damp", "nan", "finite")),
+    "solver-unknown": ("fvd", {"solver": "zz"}, ("solver", "'zz'", "'als'", "'em'", "'adam'")),
+    "iters-negative": ("fvd", {"iters": -5}, ("iters", "-5", "integer >= 1")),
+    "iters-bool": ("fvd", {"iters": True}, ("iters", "True", "integer")),
+    "iters-float": ("fvd", {"iters": 2.5}, ("iters", "2.5", "integer")),
+    "tol-inf": ("fvd", {"tol": INF}, ("tol", "inf", "finite")),
+    "lr-zero": ("fvd", {"lr": 0}, ("lr", "0", "> 0")),
+    "eps-zero": ("fvd", {"eps": 0.0}, ("eps", "> 0")),
+    "eps-zero-fwsvd": ("fwsvd", {"eps": 0.0}, ("eps", "'fwsvd'", "> 0")),
+    "time-limit-negative": ("fvd", {"time_limit": -1}, ("time_limit", "-1", "> 0")),
+    "unknown-name": (
+        "fvd",
+        {"dampening": 1},
+        ("'dampening'", "'fvd'", "options are", "solver", "iters", "time_limit"),
+    ),
+    "other-methods-option": ("whitened", {"iters": 3}, ("'iters'", "'whitened'", "damp")),
+    "damp-for-svd": ("svd", {"damp": 0.1}, ("'damp'", "method 'svd'", "options are: svd")),
+    "objective-inside": ("fvd", {"objective": "fisher"}, ("objective", "own argument")),
+    "not-a-dict": ("fvd", "damp=1", ("must be a mapping", "'damp=1'")),
+    "list-of-pairs": ("fvd", [("damp", 1.0)], ("must be a mapping", "[('damp', 1.0)]")),
 }
 
 
 @pytest.mark.parametrize("case", list(OPTION_CASES))
 def test_bad_method_options_are_refused_before_calibration(case):
-    options, words = OPTION_CASES[case]
+    method, options, words = OPTION_CASES[case]
     seen = []
 
     def calibration():  # refused before any batch is read
@@ -265,8 +272,9 @@ def test_bad_method_options_are_refused_before_calibration(case):
             seen.append(x)
             yield x
 
+    loss = _loss if method in ("fvd", "fwsvd") else None
     _refused(
-        _mlp(), words, method="fvd", calibration=calibration(), loss=_loss, method_options=options
+        _mlp(), words, method=method, calibration=calibration(), loss=loss, method_options=options
     )
     assert seen == []
 
@@ -289,29 +297,35 @@ def test_good_method_options_are_normalised_and_damp_zero_stays_finite():
         0.5,
         method="whitened",
         calibration=[torch.randn(2, 1, 8, 8)],  # 2 rows: rank-deficient Gram, no damping
-        method_options={"damp": np.float32(0.0), "iters": np.int64(3), "time_limit": None},
+        method_options={"damp": np.float32(0.0)},
     )
-    assert plan.meta["method_options"] == {"damp": 0.0, "iters": 3, "time_limit": None}
+    assert plan.meta["method_options"] == {"damp": 0.0}
     assert type(plan.meta["method_options"]["damp"]) is float
     with torch.no_grad():
         assert torch.isfinite(small(torch.randn(4, 1, 8, 8))).all()
 
 
-SOLVER_CASES = {  # statistics and settings that bypass compress()'s own checks
-    "nan-fisher": (torch.full((16, 12), NAN), {}, ("NaN or Inf", "Fisher")),
-    "zero-row-weights": (torch.zeros(16, 12), {"eps": 0.0}, ("row_weights", "positive")),
+SOLVER_CASES = {  # statistics and options that bypass compress()'s own checks
+    "nan-fisher": (torch.full((16, 12), NAN), None, ("NaN or Inf", "Fisher")),
+    "zero-row-weights": (torch.zeros(16, 12), 0.0, ("row_weights", "positive")),
 }
 
 
+@pytest.mark.parametrize("step", ["build", "errors"])
 @pytest.mark.parametrize("case", list(SOLVER_CASES))
-def test_solver_refusals_name_the_layer(case):
-    fisher, settings, words = SOLVER_CASES[case]
-    f = LinearData()
-    f.method, f.needs = "fwsvd", NEEDS["fwsvd"]
+def test_solver_refusals_name_the_layer(case, step):
+    fisher, eps, words = SOLVER_CASES[case]
+    comp = get_compressor("fwsvd")
+    if eps is not None:  # Options refuses eps <= 0: set it behind their back
+        object.__setattr__(comp.options, "eps", eps)
     stats = LayerStats(fisher=fisher.double(), fisher_batches=1)
-    site = LayerSite("blocks.3.fc", stats=stats, settings=settings)
+    weight = nn.Linear(12, 16).weight.detach()
+    target = MatrixTarget("blocks.3.fc", "", (16, 12), weight=weight, stats=stats)
     with expect_error("layer 'blocks.3.fc'", *words):
-        f.options(nn.Linear(12, 16), site)
+        if step == "build":
+            comp.build(target, {"rank": 3})
+        else:
+            comp.errors(target, [{"rank": 2}, {"rank": 3}], "fisher")
 
 
 # --- defect 14: rank_tuning ------------------------------------------------------------------------
@@ -349,10 +363,17 @@ def _changed(fidelity, when_changed):
 
 
 def _final_only(fidelity, value):
-    """`fidelity` during the search, `value` on the tuned (factorized) model."""
-    return lambda m: (
-        value if any(isinstance(s, LowRankLinear) for s in m.modules()) else fidelity(m)
-    )
+    """`fidelity` during the search, `value` on the tuned model. The search (baseline, each matrix
+    at a rank, joint checks) evaluates one working copy, which it swaps compressed layers
+    (LowRankLinear too) in and out of; the final evaluation gets the tuned model, another object."""
+    seen: list[nn.Module] = []
+
+    def metric(m):
+        if not seen:
+            seen.append(m)  # the baseline: the working copy
+        return fidelity(m) if m is seen[0] else value
+
+    return metric
 
 
 METRIC_CASES = {

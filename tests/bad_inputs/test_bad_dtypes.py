@@ -23,14 +23,15 @@ import torch
 from torch import nn
 
 from tensorslim import compress
+from tensorslim.compressors import _tensor
+from tensorslim.compressors._factors import refuse_overflow
+from tensorslim.core import LayerSite, LayerTarget, MatrixTarget, get_compressor, handler_for
 from tensorslim.decompose import tensor as T
 from tensorslim.decompose import truncated_svd
 from tensorslim.errors import UnsupportedLayerError
 from tensorslim.layers import LowRankLinear
 from tensorslim.layers import tensor_conv as tc
-from tensorslim.model import latency_cost as lc
-from tensorslim.model.factorizers import refuse_overflow
-from tensorslim.model.registry import LayerSite
+from tensorslim.search import latency as lc
 from tests.bad_inputs.conftest import assert_same_state, expect_error, state_of
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -138,7 +139,7 @@ def test_method_keeps_the_dtype_with_an_example_input(method, dtype, quick_timer
     include = None if method == "svd" else ["conv*"]
     small, plan = _compress(model, 0.6, method=method, example_input=x, include=include)
     check_compressed(model, small, x, dtype, state)
-    factorized = [lp for lp in plan.layers if lp.rank is not None]
+    factorized = [lp for lp in plan.layers if lp.factorized]
     assert factorized, [(lp.name, lp.reason) for lp in plan.layers]
     for lp in factorized:
         assert lp.rel_error is not None and lp.rel_error < 0.05, (lp.name, lp.rel_error)
@@ -153,7 +154,7 @@ def test_latency_cost_times_in_the_model_dtype(method, dtype, quick_timer):
     # the input model's layers are timed in place: their training flags must be restored
     check_compressed(model, small, x, dtype, state)
     for lp in plan.layers:
-        if lp.rank is not None:
+        if lp.factorized:
             assert lp.extra["latency_dtype"] == _name(dtype), lp.extra
             assert "latency_dtype_note" not in lp.extra
             assert lp.extra["latency_ms"] > 0 and lp.extra["dense_latency_ms"] > 0
@@ -181,7 +182,7 @@ def test_latency_falls_back_to_float32_where_the_cpu_has_no_half_kernel(dtype, m
     finally:
         lc.clear_cache()
     check_compressed(model, small, x, dtype, state)
-    timed = [lp for lp in plan.layers if lp.rank is not None]
+    timed = [lp for lp in plan.layers if lp.factorized]
     assert timed
     for lp in timed:
         assert lp.extra["latency_dtype"] == "float32"
@@ -236,7 +237,7 @@ def test_attention_rnn_conv1d_and_linear_keep_the_dtype(dtype, cost, quick_timer
         y = small.eval()(ids)
     assert y.dtype == dtype and torch.isfinite(y).all()
     if cost == "params":  # the uniform allocator factorizes every supported layer type
-        done = {lp.name for lp in plan.layers if lp.rank is not None}
+        done = {lp.name for lp in plan.layers if lp.factorized}
         assert {"attn", "lstm", "gru", "conv", "out"} <= done, plan.layers
 
 
@@ -267,7 +268,7 @@ def test_large_float16_weights_are_rescaled_to_fit(method, quick_timer):
     for name, p in small.named_parameters():
         assert torch.isfinite(p).all(), name
     for lp in plan.layers:
-        if lp.rank is not None:
+        if lp.factorized:
             assert lp.rel_error < 0.05, (lp.name, lp.rel_error)
 
 
@@ -291,21 +292,49 @@ def test_factors_that_cannot_fit_are_refused_with_the_layer_and_dtype(monkeypatc
 
 
 def test_refuse_overflow_names_the_layer_and_dtype():
-    layer = LowRankLinear(4, 3, 2, dtype=torch.float16)
+    layer = LowRankLinear(4, 3, 2, bias=False, dtype=torch.float16)
     with torch.no_grad():
         layer.second.weight.fill_(float("inf"))
+    target = MatrixTarget("blocks.0.fc", "", (3, 4), dtype=torch.float16)
     with expect_error(
         "'blocks.0.fc'",
-        "Linear",
         "float16",
+        "'svd'",
+        "rank 2",
         "second.weight",
         "float32 copy",
         error=UnsupportedLayerError,
     ):
-        refuse_overflow(layer, nn.Linear(4, 3), LayerSite("blocks.0.fc"), "svd", 2)
-    ok = LowRankLinear(4, 3, 2, dtype=torch.float16)
+        refuse_overflow(layer, target, "svd", 2)
+    ok = LowRankLinear(4, 3, 2, bias=False, dtype=torch.float16)
     nn.init.zeros_(ok.first.weight)
-    assert refuse_overflow(ok, nn.Linear(4, 3), LayerSite("x"), "svd", 2) is ok
+    assert refuse_overflow(ok, MatrixTarget("x", "", (3, 4), dtype=torch.float16), "svd", 2) is ok
+
+
+def test_refuse_overflow_names_the_matrix_of_a_layer_with_several():
+    layer = LowRankLinear(16, 64, 2, bias=False, dtype=torch.float16)
+    with torch.no_grad():
+        layer.first.weight.fill_(float("inf"))
+    target = MatrixTarget("rnn", "weight_hh_l0", (64, 16), dtype=torch.float16)
+    with expect_error("'rnn'", "'weight_hh_l0'", "float16", error=UnsupportedLayerError):
+        refuse_overflow(layer, target, "svd", 2)
+
+
+def test_refuse_overflow_of_a_tensor_method_names_the_layer_type_and_dtype():
+    conv = nn.Conv2d(3, 8, 3).half()
+    new = tc.TENSOR_CONVS["tucker2"].empty_like(conv, (2, 2))
+    with torch.no_grad():
+        next(new.parameters()).fill_(float("inf"))
+    target = LayerTarget("features.0", conv, LayerSite("features.0"), handler_for(conv))
+    with expect_error(
+        "'features.0'",
+        "Conv2d",
+        "float16",
+        "'tucker2'",
+        "float32 copy",
+        error=UnsupportedLayerError,
+    ):
+        _tensor.refuse_overflow(new, target, "tucker2", (2, 2))
 
 
 # -- decompositions run in float32 / float64 and come back in the kernel's compute dtype -----------
@@ -332,10 +361,9 @@ def test_decomposition_cache_keeps_float32_and_float64_apart(quick_timer):
     with torch.no_grad():
         conv32.weight.copy_(conv64.weight.float())
         conv64.weight.copy_(conv32.weight.double())
-    from tensorslim.model import find
-
-    f = find(conv32, "tt")
-    d32, d64 = f.decompose(conv32, (4, 8, 4)), f.decompose(conv64, (4, 8, 4))
+    _tensor.clear_cache()
+    f = get_compressor("tt")
+    d32, d64 = f.decompose(conv32.weight, (4, 8, 4)), f.decompose(conv64.weight, (4, 8, 4))
     assert d32.factors[0].dtype == torch.float32 and d64.factors[0].dtype == torch.float64
 
 

@@ -491,7 +491,7 @@ def test_compress_never_modifies_the_input_model(method):
     assert all(m.training for m in model.modules())
     assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()] == hooks
     assert type(model.conv1) is nn.Conv2d and type(model.fc) is nn.Linear
-    assert any(lp.rank is not None for lp in plan.layers)
+    assert any(lp.factorized for lp in plan.layers)
     assert small is not model
 
 

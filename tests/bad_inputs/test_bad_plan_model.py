@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import tensorslim
+from tensorslim.core.discover import count_params
 from tensorslim.errors import (
     ExampleInputError,
     InvalidKeepError,
@@ -26,7 +27,6 @@ from tensorslim.errors import (
     WeightFileError,
 )
 from tensorslim.layers import LowRankLinear
-from tensorslim.model import count_params
 from tensorslim.plan import Plan
 from tests.bad_inputs.conftest import (
     Snapshot,
@@ -127,29 +127,56 @@ def _load_refused(saved, tmp_path, plan_bytes, error, *words):
     snap.check()
 
 
+def _as_format_1(d):
+    """The plan dict as tensorslim 0.1.0 wrote it: no "format", a "method" and "rank" per layer."""
+    d.pop("format", None)
+    for lp in d["layers"]:
+        spec = lp.pop("spec")
+        lp["rank"] = spec[0]["rank"] if spec else None
+    return d
+
+
 # -- hand-edited plan.json: every field is checked before anything is built -------------------
 
+# A rank edited in the spec's component ({"kind": "lowrank", "rank": ...}): type errors of the spec
+# structure are WeightFileError (Plan.validate), values the layer cannot take InvalidRankError.
 RANK_EDITS = [
     (3_000_000, InvalidRankError, ["fc1", "3000000", "[1, 32]"]),
     (10**12, InvalidRankError, ["fc1", "1000000000000", "[1, 32]"]),
     (-1, InvalidRankError, ["fc1", "-1", "[1, 32]"]),
     (0, InvalidRankError, ["fc1", "got 0", "[1, 32]"]),
-    (True, WeightFileError, ["fc1", "'rank'", "true", "integer"]),
-    (2.5, WeightFileError, ["fc1", "'rank'", "2.5", "integer"]),
-    ("8", WeightFileError, ["fc1", "'rank'", "'8'", "integer"]),
-    (None, InvalidRankError, ["fc1", "none", "[1, 32]"]),
+    (True, InvalidRankError, ["fc1", "rank", "true", "integer", "[1, 32]"]),
+    (2.5, InvalidRankError, ["fc1", "rank", "2.5", "integer", "[1, 32]"]),
+    ("8", InvalidRankError, ["fc1", "rank", "'8'", "integer", "[1, 32]"]),
+    (None, InvalidRankError, ["fc1", "got None", "[1, 32]"]),
     (float("nan"), WeightFileError, ["fc1", "'rank'", "nan"]),
-    ([4, 4], InvalidRankError, ["fc1", "(4, 4)", "[1, 32]"]),
-    ({"weight": 4}, InvalidRankError, ["fc1", "{'weight': 4}", "[1, 32]"]),
+    ([4, 4], InvalidRankError, ["fc1", "[4, 4]", "[1, 32]"]),
+    ({"weight": 4}, InvalidRankError, ["fc1", "'weight'", "one matrix", "integer rank"]),
     (33, InvalidRankError, ["fc1", "33", "[1, 32]"]),
 ]
 
 
-@pytest.mark.parametrize("rank, error, words", RANK_EDITS, ids=lambda v: repr(v)[:12])
+@pytest.mark.parametrize("rank, error, words", RANK_EDITS, ids=[repr(r) for r, _, _ in RANK_EDITS])
 def test_hand_edited_rank(saved, tmp_path, rank, error, words):
     d = json.loads((saved / "plan.json").read_text())
+    _fc1(d)["spec"][0]["rank"] = rank
+    _load_refused(saved, tmp_path, json.dumps(d).encode(), error, *words)
+
+
+@pytest.mark.parametrize("rank, error, words", RANK_EDITS, ids=[repr(r) for r, _, _ in RANK_EDITS])
+def test_hand_edited_rank_in_a_format_1_file(saved, tmp_path, rank, error, words):
+    """Plan files of tensorslim 0.1.0 ("method" and "rank" per layer) are checked the same way."""
+    d = _as_format_1(json.loads((saved / "plan.json").read_text()))
     _fc1(d)["rank"] = rank
     _load_refused(saved, tmp_path, json.dumps(d).encode(), error, *words)
+
+
+def test_format_1_file_still_loads(saved, tmp_path):
+    folder = _copy(saved, tmp_path / "case")
+    d = _as_format_1(json.loads((saved / "plan.json").read_text()))
+    (folder / "plan.json").write_text(json.dumps(d))
+    back = tensorslim.load(_net(), folder)
+    assert isinstance(back.fc1, LowRankLinear)
 
 
 FIELD_EDITS = {
@@ -158,6 +185,24 @@ FIELD_EDITS = {
     "type-int": (lambda d: _fc1(d).update(type=7), ["fc1", "'type'", "7", "string"]),
     "name-int": (lambda d: _fc1(d).update(name=5), ["layer 0", "'name'", "5", "string"]),
     "method-null": (lambda d: _fc1(d).update(method=None), ["fc1", "'method'", "none"]),
+    "method-disagrees": (
+        lambda d: _fc1(d).update(method="tucker2"),
+        ["fc1", "'method'", "'tucker2'", "'svd'", "'spec'"],
+    ),
+    "rank-in-format-2": (
+        lambda d: _fc1(d).update(rank=4),
+        ["fc1", "'rank'", "format 1", "'spec'"],
+    ),
+    "spec-null": (lambda d: _fc1(d).update(spec=None), ["fc1", "'spec'", "none"]),
+    "spec-str": (lambda d: _fc1(d).update(spec="lowrank"), ["fc1", "'spec'", "'lowrank'"]),
+    "spec-object": (
+        lambda d: _fc1(d).update(spec={"kind": "lowrank", "rank": 4}),
+        ["fc1", "'spec'", "list", "{'kind': 'lowrank', 'rank': 4}"],
+    ),
+    "spec-item-int": (lambda d: _fc1(d)["spec"].append(3), ["fc1", "'spec'", "3]"]),
+    "kind-missing": (lambda d: _fc1(d)["spec"][0].pop("kind"), ["fc1", "'spec'", "kind"]),
+    "kind-int": (lambda d: _fc1(d)["spec"][0].update(kind=3), ["fc1", "'spec'", "'kind': 3"]),
+    "kind-null": (lambda d: _fc1(d)["spec"][0].update(kind=None), ["fc1", "'kind': none"]),
     "params-negative": (lambda d: _fc1(d).update(params_before=-5), ["fc1", "params_before"]),
     "flops-str": (lambda d: _fc1(d).update(flops_before="x"), ["fc1", "flops_before", "'x'"]),
     "compressible-str": (lambda d: _fc1(d).update(compressible="yes"), ["fc1", "compressible"]),
@@ -189,22 +234,68 @@ def test_hand_edited_field(saved, tmp_path, edit):
     _load_refused(saved, tmp_path, json.dumps(d).encode(), WeightFileError, *words)
 
 
+def _kind(kind):
+    """Set the component's kind (and drop the informational "method", which would disagree)."""
+
+    def change(lp):
+        lp["spec"][0]["kind"] = kind
+        lp.pop("method")
+
+    return change
+
+
 MISMATCHES = {
-    "unknown-layer": (lambda lp: lp.update(name="nope"), ["'nope'"]),
-    "other-type": (lambda lp: lp.update(type="Conv2d"), ["fc1", "Conv2d", "Linear"]),
-    "other-shape": (lambda lp: lp.update(shape=[16, 32]), ["fc1", "[16, 32]", "[32, 32]"]),
-    "unknown-method": (lambda lp: lp.update(method="bogus"), ["'bogus'", "known methods"]),
-    "method-for-convs": (lambda lp: lp.update(method="tucker2"), ["'tucker2'", "linear"]),
-    "aliases-not-in-model": (lambda lp: lp["extra"].update(aliases=["zz"]), ["fc1", "'zz'"]),
+    "unknown-layer": (lambda lp: lp.update(name="nope"), PlanMismatchError, ["'nope'"]),
+    "other-type": (
+        lambda lp: lp.update(type="Conv2d"),
+        PlanMismatchError,
+        ["fc1", "Conv2d", "Linear"],
+    ),
+    "other-shape": (
+        lambda lp: lp.update(shape=[16, 32]),
+        PlanMismatchError,
+        ["fc1", "[16, 32]", "[32, 32]"],
+    ),
+    # an unknown kind is refused by Plan.validate; the message lists the kinds there are
+    "unknown-kind": (_kind("bogus"), WeightFileError, ["fc1", "'bogus'", "'lowrank'", "'tucker2'"]),
+    "kind-for-convs": (_kind("tucker2"), UnsupportedLayerError, ["fc1", "'tucker2'", "linear"]),
+    "aliases-not-in-model": (
+        lambda lp: lp["extra"].update(aliases=["zz"]),
+        PlanMismatchError,
+        ["fc1", "'zz'"],
+    ),
 }
 
 
 @pytest.mark.parametrize("edit", MISMATCHES, ids=str)
 def test_plan_that_does_not_fit_the_model(saved, tmp_path, edit):
-    change, words = MISMATCHES[edit]
+    change, error, words = MISMATCHES[edit]
     d = json.loads((saved / "plan.json").read_text())
     change(_fc1(d))
-    _load_refused(saved, tmp_path, json.dumps(d).encode(), PlanMismatchError, *words)
+    _load_refused(saved, tmp_path, json.dumps(d).encode(), error, *words)
+
+
+SPEC_WEIGHT_MISMATCHES = {
+    "other-rank": lambda d: _fc1(d)["spec"][0].update(rank=4),
+    "extra-component": lambda d: (
+        _fc1(d)["spec"].append({"kind": "lowrank", "rank": 2}),
+        _fc1(d).pop("method"),
+    ),
+    "made-dense": lambda d: _fc1(d).update(spec=[], method="dense"),
+    "dense-made-lowrank": lambda d: next(lp for lp in d["layers"] if lp["name"] == "fc2").update(
+        spec=[{"kind": "lowrank", "rank": 2}], method="svd"
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", SPEC_WEIGHT_MISMATCHES, ids=str)
+def test_spec_that_does_not_fit_the_saved_weights(saved, tmp_path, edit):
+    """A valid spec the saved weights were not made with: the weight file does not fit."""
+    d = json.loads((saved / "plan.json").read_text())
+    SPEC_WEIGHT_MISMATCHES[edit](d)
+    _load_refused(
+        saved, tmp_path, json.dumps(d).encode(), WeightFileError, "model.safetensors", "do not fit"
+    )
 
 
 def _deep(n):
@@ -253,16 +344,16 @@ def test_plan_with_bom_still_loads(saved, tmp_path):
 # -- ranks of the other factorizers and layers a plan cannot factorize (apply_plan) ------------
 
 
-def _mixed_plan(name, type_, shape, method, rank):
-    layer = {"name": name, "type": type_, "shape": shape, "method": method, "rank": rank}
-    return Plan.from_dict({"keep": 0.5, "layers": [layer]})
+def _mixed_plan(name, type_, shape, kind, rank):
+    layer = {"name": name, "type": type_, "shape": shape, "spec": [{"kind": kind, "rank": rank}]}
+    return Plan.from_dict({"format": 2, "keep": 0.5, "layers": [layer]})
 
 
 APPLY_CASES = {
     "tucker2-three-ranks": (
         ("conv", "Conv2d", [8, 8, 3, 3], "tucker2", [2, 2, 2]),
         InvalidRankError,
-        ["conv", "tucker2", "(2, 2, 2)"],
+        ["conv", "tucker2", "[2, 2, 2]", "r_out in [1, 8]"],
     ),
     "tucker2-huge": (
         ("conv", "Conv2d", [8, 8, 3, 3], "tucker2", [10**9, 10**9]),
@@ -272,7 +363,7 @@ APPLY_CASES = {
     "tucker2-oversized": (
         ("conv", "Conv2d", [8, 8, 3, 3], "tucker2", [500, 500]),
         InvalidRankError,
-        ["conv", "(500, 500)", "r_out in [1, 8]", "full rank"],
+        ["conv", "[500, 500]", "r_out in [1, 8]", "full rank"],
     ),
     "tt-wrong-length": (
         ("conv", "Conv2d", [8, 8, 3, 3], "tt", [2, 2]),
@@ -286,37 +377,67 @@ APPLY_CASES = {
     ),
     "cp-zero": (("conv", "Conv2d", [8, 8, 3, 3], "cp", 0), InvalidRankError, ["conv", "[1, 26]"]),
     "rnn-unknown-matrix": (
-        ("rnn", "LSTM", [32, 8], "svd", {"nope": 2}),
+        ("rnn", "LSTM", [32, 8], "lowrank", {"nope": 2}),
         InvalidRankError,
-        ["rnn", "nope"],
+        ["rnn", "'nope'", "weight_ih_l0", "weight_hh_l0"],
     ),
     "rnn-rank-too-big": (
-        ("rnn", "LSTM", [32, 8], "svd", {"weight_hh_l0": 100}),
+        ("rnn", "LSTM", [32, 8], "lowrank", {"weight_hh_l0": 100}),
         InvalidRankError,
         ["rnn", "weight_hh_l0", "[1, 8]"],
     ),
     "rnn-all-dense": (
-        ("rnn", "LSTM", [32, 8], "svd", {"weight_hh_l0": None}),
+        ("rnn", "LSTM", [32, 8], "lowrank", {"weight_hh_l0": None}),
         InvalidRankError,
-        ["rnn", "at least one integer"],
+        ["rnn", "compresses no matrix", "null"],
+    ),
+    "rnn-rank-bool": (
+        ("rnn", "LSTM", [32, 8], "lowrank", {"weight_hh_l0": True}),
+        InvalidRankError,
+        ["rnn", "weight_hh_l0", "true", "[1, 8]"],
+    ),
+    "rnn-rank-nested": (
+        ("rnn", "LSTM", [32, 8], "lowrank", {"weight_hh_l0": {"x": 2}}),
+        InvalidRankError,
+        ["rnn", "weight_hh_l0", "{'x': 2}", "[1, 8]"],
+    ),
+    "rnn-list-too-long": (
+        ("rnn", "LSTM", [32, 8], "lowrank", [2, 2, 2]),
+        InvalidRankError,
+        ["rnn", "[2, 2, 2]", "one value per matrix", "'weight_ih_l0'", "'weight_hh_l0'"],
+    ),
+    "tucker2-one-rank": (
+        ("conv", "Conv2d", [8, 8, 3, 3], "tucker2", 3),
+        InvalidRankError,
+        ["conv", "2 integers", "got 3"],
+    ),
+    "spatial-zero": (
+        ("conv", "Conv2d", [8, 8, 3, 3], "spatial", 0),
+        InvalidRankError,
+        ["conv", "[1, 24]", "got 0"],
+    ),
+    "attention-unknown-matrix": (
+        ("attn", "MultiheadAttention", [24, 8], "lowrank", {"bogus": 2}),
+        InvalidRankError,
+        ["attn", "'bogus'", "'in_proj'", "'out_proj'"],
     ),
     "attention-huge": (
-        ("attn", "MultiheadAttention", [24, 8], "svd", [10**6, 2]),
+        ("attn", "MultiheadAttention", [24, 8], "lowrank", [10**6, 2]),
         InvalidRankError,
         ["attn", "1000000"],
     ),
     "attention-one-rank": (
-        ("attn", "MultiheadAttention", [24, 8], "svd", [2]),
+        ("attn", "MultiheadAttention", [24, 8], "lowrank", [2]),
         InvalidRankError,
-        ["attn", "(2,)"],
+        ["attn", "in_proj", "[2]", "one value per matrix", "'out_proj'"],
     ),
     "depthwise-svd": (
-        ("dw", "Conv2d", [8, 1, 3, 3], "svd", 2),
+        ("dw", "Conv2d", [8, 1, 3, 3], "lowrank", 2),
         UnsupportedLayerError,
         ["dw", "depthwise", "groups=8"],
     ),
     "inside-attention": (
-        ("attn.out_proj", "NonDynamicallyQuantizableLinear", [8, 8], "svd", 2),
+        ("attn.out_proj", "NonDynamicallyQuantizableLinear", [8, 8], "lowrank", 2),
         PlanMismatchError,
         ["attn.out_proj", "part of another layer"],
     ),
@@ -334,21 +455,59 @@ def test_apply_plan_refuses_before_building(case):
     assert_same_state(model, state)
 
 
-def test_plan_object_edited_in_code_is_checked_too():
+CODE_EDITS = {
+    "rank-bool": (
+        lambda lp: lp.spec[0].update(rank=True),
+        InvalidRankError,
+        ["fc1", "rank", "true"],
+    ),
+    "spec-str": (lambda lp: setattr(lp, "spec", "lowrank"), WeightFileError, ["fc1", "'spec'"]),
+    "spec-dict": (
+        lambda lp: setattr(lp, "spec", {"kind": "lowrank", "rank": 3}),
+        WeightFileError,
+        ["fc1", "'spec'", "list"],
+    ),
+    "param-object": (
+        lambda lp: lp.spec[0].update(rank=object()),
+        WeightFileError,
+        ["fc1", "'rank'", "object"],
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", CODE_EDITS, ids=str)
+def test_plan_object_edited_in_code_is_checked_too(edit):
+    change, error, words = CODE_EDITS[edit]
     model = _net()
     _, plan = tensorslim.compress(model, 0.5)
-    plan.layer("fc1").rank = True
-    with expect_error("fc1", "'rank'", "true", error=WeightFileError):
+    change(plan.layer("fc1"))
+    with expect_error(*words, error=error):
         tensorslim.apply_plan(model, plan)
+
+
+def test_plan_object_with_component_objects_in_its_spec():
+    """core.spec.Component objects where the spec holds dicts: built as the dicts would be, or
+    refused with a TensorSlimError naming the layer; never a bare KeyError / TypeError."""
+    from tensorslim.core.spec import Component
+
+    model = _net()
+    _, plan = tensorslim.compress(model, 0.5)
+    plan.layer("fc1").spec = [Component("lowrank", {"rank": 3})]
+    try:
+        small = tensorslim.apply_plan(model, plan)
+    except TensorSlimError as exc:
+        assert "fc1" in str(exc), exc
+    else:
+        assert isinstance(small.fc1, LowRankLinear) and small.fc1.rank == 3
 
 
 def test_plan_naming_one_shared_module_twice():
     model = SharedNet()
     layers = [
-        {"name": n, "type": "Linear", "shape": [21, 21], "method": "svd", "rank": 2}
+        {"name": n, "type": "Linear", "shape": [21, 21], "spec": [{"kind": "lowrank", "rank": 2}]}
         for n in ("a", "b")
     ]
-    plan = Plan.from_dict({"keep": 0.5, "layers": layers})
+    plan = Plan.from_dict({"format": 2, "keep": 0.5, "layers": layers})
     with expect_error("'a'", "'b'", "same module", error=PlanMismatchError):
         tensorslim.apply_plan(model, plan)
 
@@ -356,7 +515,7 @@ def test_plan_naming_one_shared_module_twice():
 def test_plan_factorizing_a_tied_layer():
     model = TiedNet()
     state = state_of(model)
-    plan = _mixed_plan("dec", "Linear", [40, 16], "svd", 4)
+    plan = _mixed_plan("dec", "Linear", [40, 16], "lowrank", 4)
     with expect_error("dec", "tied to emb.weight", error=UnsupportedLayerError):
         tensorslim.apply_plan(model, plan)
     assert_same_state(model, state)
@@ -481,12 +640,12 @@ NOTHING = {
     "only-embedding": (
         lambda: nn.Sequential(nn.Embedding(10, 10)),
         {},
-        ["'0' (embedding)", "no factorizer registered"],
+        ["'0' (embedding)", "no handler registered"],
     ),
     "already-factorized": (
         lambda: nn.Sequential(LowRankLinear.from_dense(nn.Linear(16, 16), 2)),
         {},
-        ["'0' (lowranklinear): already factorized"],
+        ["'0' (lowranklinear): already compressed"],
     ),
     "keep-one-exclude-all": (
         lambda: _net(),

@@ -1,12 +1,17 @@
 """Run calibration batches through a model and collect per-layer statistics, streaming.
 
-For each requested layer (and each of its matrix parts, see adapters.py) this accumulates
+For each requested layer (and each of its matrix parts, as its handler names them: "" for a layer
+with one matrix, see tensorslim.core.handler) this accumulates
 
 - gram:   X^T X in float64 over every input row seen (n x n), and `rows`, the number of rows;
 - fisher: the empirical Fisher diagonal of the part's weight, I = mean over batches of (dL/dW)^2,
           as an (m x n) float64 matrix (needs a `loss(model, batch)` returning a scalar);
 - inputs / outputs: the first `max_samples` samples (batch elements) of the layer's input and output,
           for feature errors with that layer replaced (calibrate/features.py).
+
+Input rows come from the handler's `rows` (a layer whose handler gives a `calibration_reason` is
+refused when Gram matrices are requested); the Fisher diagonal needs only `weight_parameters` and
+`grad_matrix`, so it works for every handled layer.
 
 Memory is bounded by the statistics themselves (n^2 + m n numbers per part) plus `max_samples`
 samples per layer; activations of a batch are folded into the sums and dropped before the next batch.
@@ -26,9 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
+import tensorslim.handlers  # noqa: F401  (registers the built-in handlers)
 from tensorslim._nested import tensors_in
 from tensorslim._progress import track
-from tensorslim.calibrate.adapters import Adapter, adapter_for
+from tensorslim.core.discover import run_model
+from tensorslim.core.handler import Handler, handler_for
 from tensorslim.errors import ExampleInputError, TensorSlimError
 
 BATCH_KINDS = "a tensor, a tuple of positional inputs or a dict of keyword inputs"
@@ -38,8 +45,8 @@ BATCH_KINDS = "a tensor, a tuple of positional inputs or a dict of keyword input
 class LayerStats:
     """Calibration statistics of one weight matrix (see module docstring).
 
-    For a layer with several matrices (nn.MultiheadAttention), the layer's stats hold one LayerStats
-    per part in `parts`, and its own gram / fisher stay None.
+    For a layer with several matrices (nn.MultiheadAttention, GRU/LSTM), the layer's stats hold one
+    LayerStats per part in `parts`, and its own gram / fisher stay None.
     """
 
     gram: torch.Tensor | None = None
@@ -50,7 +57,7 @@ class LayerStats:
     outputs: list[torch.Tensor] = field(default_factory=list)
     parts: dict[str, LayerStats] = field(default_factory=dict)
     # Factorizations computed from these statistics during one compress call, reused between the
-    # option listing and the final factorization (keyed by the factorizer, see model/data_aware.py).
+    # proposals and the final build (keyed by the compressor).
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def part(self, name: str) -> LayerStats:
@@ -178,17 +185,23 @@ def _check_batch(batch: Any, index: int) -> None:
 class _Collector:
     """The forward hooks of one calibrate() call; `index` / `batch` are the batch being run."""
 
-    def __init__(self, stats, adapters, gram: bool, max_samples: int):
-        self.stats, self.adapters = stats, adapters
+    def __init__(
+        self,
+        stats: dict[str, LayerStats],
+        handlers: dict[str, Handler],
+        gram: bool,
+        max_samples: int,
+    ) -> None:
+        self.stats, self.handlers = stats, handlers
         self.gram, self.max_samples = gram, max_samples
         self.index, self.batch = 0, None
 
     def hook(self, name: str, module: nn.Module):
-        st, adapter = self.stats[name], self.adapters[name]
+        st, handler = self.stats[name], self.handlers[name]
 
         def hook(_mod, args, kwargs, output):
             if self.gram:
-                for part, x in adapter.rows(module, args, kwargs, output).items():
+                for part, x in handler.rows(module, args, kwargs, output).items():
                     self._add(name, part, st.part(part), x)
             if self.max_samples and len(st.inputs) < self.max_samples:
                 self._sample(st, args, kwargs, output)
@@ -210,24 +223,33 @@ class _Collector:
                 st.outputs.append(output[i : i + 1].detach().clone())
 
 
-def _prepare(layers: Mapping[str, nn.Module]) -> tuple[dict[str, LayerStats], dict[str, Adapter]]:
-    """Empty stats and the adapter of every layer; refuses a layer type without an adapter."""
+def _prepare(
+    layers: Mapping[str, nn.Module], gram: bool
+) -> tuple[dict[str, LayerStats], dict[str, Handler]]:
+    """Empty stats and the handler of every layer; refuses a layer type without a handler, and,
+    when Gram matrices are requested, a layer whose inputs cannot be collected."""
     stats: dict[str, LayerStats] = {}
-    adapters: dict[str, Adapter] = {}
+    handlers: dict[str, Handler] = {}
     for name, module in layers.items():
-        adapter = adapter_for(module)
-        if adapter is None:
+        handler = handler_for(module)
+        if handler is None:
             raise TensorSlimError(
-                f"calibration does not know layer {name!r} ({type(module).__name__}); register an "
-                "adapter with tensorslim.calibrate.register_adapter"
+                f"calibration does not know layer {name!r} ({type(module).__name__}); register a "
+                "handler with tensorslim.register_handler"
             )
-        adapters[name] = adapter
+        why = handler.calibration_reason(module) if gram else None
+        if why is not None:
+            raise TensorSlimError(
+                f"calibration cannot collect the inputs of layer {name!r} "
+                f"({type(module).__name__}): {why}"
+            )
+        handlers[name] = handler
         st = LayerStats()
-        for p in adapter.parts(module):
+        for p in handler.weight_parameters(module):
             if p:
                 st.parts[p] = LayerStats()
         stats[name] = st
-    return stats, adapters
+    return stats, handlers
 
 
 def _forward(model: nn.Module, layers, collector: _Collector, batch: Any, index: int) -> None:
@@ -237,9 +259,6 @@ def _forward(model: nn.Module, layers, collector: _Collector, batch: Any, index:
         m.register_forward_hook(collector.hook(name, m), with_kwargs=True)
         for name, m in layers.items()
     ]
-    # imported here: tensorslim.model imports tensorslim.calibrate (model/attention.py)
-    from tensorslim.model.profile import run_model
-
     try:
         run_model(
             model,
@@ -273,20 +292,21 @@ def calibrate(
     for the Gram matrices run without gradients, and parameter `.grad` fields are not touched.
     gram: collect X^T X. max_samples: keep that many input/output samples per layer.
 
-    Raises TensorSlimError naming the batch (and layer) for an empty or unreadable batch, a batch
-    the model rejects, NaN / Inf in a layer's inputs, and a loss that fails, is not a finite scalar
+    Raises TensorSlimError naming the layer for a layer type without a handler, or (gram) one whose
+    handler cannot give its input rows (its calibration_reason); naming the batch (and layer) for an
+    empty or unreadable batch, a batch the model rejects, NaN / Inf in a layer's inputs, and a loss that fails, is not a finite scalar
     tensor or has a NaN / Inf gradient.
     """
     if loss is not None and not callable(loss):
         raise TensorSlimError(
             f"loss must be a function loss(model, batch) -> scalar tensor, got {type(loss).__name__}"
         )
-    stats, adapters = _prepare(layers)
-    collector = _Collector(stats, adapters, gram, max_samples)
+    stats, handlers = _prepare(layers, gram)
+    collector = _Collector(stats, handlers, gram, max_samples)
     params: list[tuple[str, str, torch.Tensor]] = []
     if loss is not None:
         for name, module in layers.items():
-            for part, p in adapters[name].parts(module).items():
+            for part, p in handlers[name].weight_parameters(module).items():
                 params.append((name, part, p))
 
     mode = model.training  # a loss may switch modes (e.g. dropout on); each Gram pass restores it
@@ -301,7 +321,7 @@ def calibrate(
                 model.train(mode)
                 _forward(model, layers, collector, batch, index)
             if loss is not None:
-                _fisher_step(model, batch, index, loss, params, stats, adapters, layers)
+                _fisher_step(model, batch, index, loss, params, stats, handlers, layers)
     finally:
         model.train(mode)
     if n == 0:
@@ -344,7 +364,7 @@ def _loss_value(model: nn.Module, batch: Any, index: int, loss) -> torch.Tensor:
     return value
 
 
-def _fisher_step(model, batch, index, loss, params, stats, adapters, layers) -> None:
+def _fisher_step(model, batch, index, loss, params, stats, handlers, layers) -> None:
     """Add one batch's squared loss gradient to every part's Fisher sum."""
     saved = [p.requires_grad for _, _, p in params]
     for _, _, p in params:
@@ -367,4 +387,4 @@ def _fisher_step(model, batch, index, loss, params, stats, adapters, layers) -> 
                 f"{_count_nonfinite(g)} (the loss is {float(value.detach().reshape(())):g}); "
                 "the Fisher estimate must be finite: check the loss and the model for overflow"
             )
-        stats[name].part(part)._add_grad(adapters[name].grad_matrix(layers[name], part, g))
+        stats[name].part(part)._add_grad(handlers[name].grad_matrix(layers[name], part, g))

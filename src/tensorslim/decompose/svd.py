@@ -185,9 +185,9 @@ def tail_energy(singular_values: torch.Tensor) -> torch.Tensor:
     s2 = singular_values.detach().to(torch.float64) ** 2
     total = s2.sum()
     if total == 0:
-        return torch.zeros(s2.numel() + 1, dtype=torch.float64)
+        return torch.zeros(s2.numel() + 1, dtype=torch.float64, device=s2.device)
     tail = torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0])
-    return torch.cat([tail, torch.zeros(1, dtype=torch.float64)]) / total
+    return torch.cat([tail, s2.new_zeros(1)]) / total
 
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:

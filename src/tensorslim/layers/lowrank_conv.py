@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from tensorslim.decompose import truncated_svd
+from tensorslim.layers.additive import Compressed
 
 _CONV_TYPES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-class LowRankConv(nn.Module):
+class LowRankConv(nn.Module, Compressed):
     """conv(in -> r, kernel k, stride, padding, dilation) followed by conv(r -> out, 1x1, bias)."""
 
     def __init__(
@@ -81,16 +82,28 @@ class LowRankConv(nn.Module):
     @classmethod
     def from_dense(cls, conv: nn.Module, rank: int, svd_method: str = "auto") -> LowRankConv:
         """Truncated SVD of the kernel reshaped to (out, in * prod(kernel_size))."""
-        if conv.groups != 1:
-            raise ValueError(f"grouped convolutions (groups={conv.groups}) are not supported")
+        _check_groups(conv)
         w = conv.weight.detach()
         a, b = truncated_svd(w.reshape(w.shape[0], -1), rank, method=svd_method)
-        layer = cls.empty_like(conv, rank)
+        return cls.from_factors(a, b, conv)
+
+    @classmethod
+    def from_factors(cls, a: torch.Tensor, b: torch.Tensor, like: nn.Module) -> LowRankConv:
+        """The conv `like` with kernel matrix A (out x r) @ B (r x in * prod(k)); bias and geometry
+        of `like` kept. Same structure and state-dict keys as `from_dense`."""
+        _check_groups(like)
+        rank = a.shape[1]
+        shape = tuple(like.weight.shape)
+        if a.shape[0] != shape[0] or b.shape != (rank, math.prod(shape[1:])):
+            raise ValueError(
+                f"factors {tuple(a.shape)} @ {tuple(b.shape)} do not fit a kernel of shape {shape}"
+            )
+        layer = cls.empty_like(like, rank)
         with torch.no_grad():
-            layer.first.weight.copy_(b.reshape(rank, *w.shape[1:]))
-            layer.second.weight.copy_(a.reshape(a.shape[0], rank, *([1] * len(conv.kernel_size))))
-            if conv.bias is not None:
-                layer.second.bias.copy_(conv.bias.detach())
+            layer.first.weight.copy_(b.detach().reshape(rank, *shape[1:]))
+            layer.second.weight.copy_(a.detach().reshape(shape[0], rank, *([1] * (len(shape) - 2))))
+            if like.bias is not None:
+                layer.second.bias.copy_(like.bias.detach())
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,3 +141,8 @@ class LowRankConv(nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"rank={self.rank}, kernel_numel={math.prod(self.kernel_size)}"
         )
+
+
+def _check_groups(conv: nn.Module) -> None:
+    if conv.groups != 1:
+        raise ValueError(f"grouped convolutions (groups={conv.groups}) are not supported")

@@ -1,4 +1,9 @@
-"""LowRankLinear: y = second(first(x)) = A (B x) + b, two standard matmuls."""
+"""LowRankLinear: y = second(first(x)) = A (B x) + b, two standard matmuls.
+
+Without bias it is also the operator module of the low-rank compressor (x (..., n) -> A B x); the
+handlers turn such an operator back into a LowRankLinear carrying the layer's bias
+(`linear_from_op`), so a compressed Linear keeps one structure and one set of state-dict keys.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,10 @@ import torch
 from torch import nn
 
 from tensorslim.decompose import truncated_svd
+from tensorslim.layers.additive import Compressed, OpLinear
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(nn.Module, Compressed):
     """A Linear layer W (out x in) stored as A (out x r) @ B (r x in), bias kept.
 
     `first` is nn.Linear(in, r, bias=False) holding B; `second` is nn.Linear(r, out) holding A and
@@ -81,3 +87,21 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def factors_of(op: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A (m x r), B (r x n)) of a bias-free LowRankLinear operator, None for any other module."""
+    if isinstance(op, LowRankLinear) and op.second.bias is None:
+        return op.second.weight.detach(), op.first.weight.detach()
+    return None
+
+
+def linear_from_op(
+    op: nn.Module, bias: torch.Tensor | None, in_features: int, out_features: int
+) -> nn.Module:
+    """A Linear-like layer computing op(x) + bias on (..., in_features): a LowRankLinear holding
+    the factors and the bias when `op` is a bias-free LowRankLinear, else an OpLinear."""
+    factors = factors_of(op)
+    if factors is not None:
+        return LowRankLinear.from_factors(*factors, None if bias is None else bias.detach())
+    return OpLinear(op, None if bias is None else bias.detach(), in_features, out_features)

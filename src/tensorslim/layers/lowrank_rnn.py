@@ -2,8 +2,10 @@
 
 Each stacked-gate matrix weight_ih_l{k}[_reverse] / weight_hh_l{k}[_reverse] (PyTorch's layout, as
 in Maison, du Mas des Bourboux, Courtat 2023, "Compression of recurrent neural networks using matrix
-factorization", arXiv 2310.12688, Sec. 3) is stored as U (m x r) @ V (r x n) with its own rank, or
-kept dense (rank None); biases are kept. Two implementations compute the same function:
+factorization", arXiv 2310.12688, Sec. 3) is stored as U (m x r) @ V (r x n) with its own rank,
+kept dense (rank None), or held by any other operator module (`ops`: forward (..., n) -> (..., m),
+`dense_weight()` -> (m, n), e.g. a sum of low-rank and sparse parts); biases are kept. Two
+implementations compute the same function:
 
 - "fused": rebuild the dense matrices once per call (sum of 2 r m n FLOPs, independent of the
   sequence length) and run PyTorch's own fused GRU/LSTM kernel on them. Saves storage only; compute
@@ -12,7 +14,8 @@ kept dense (rank None); biases are kept. Two implementations compute the same fu
 - "lowrank": compute with the factors. All timesteps' input projections in one (T*B x n) matmul
   per layer and direction, the recurrent product per step as (h V^T) U^T inside a TorchScript loop
   (falls back to an eager loop where scripting is unavailable). Saves compute as well as storage;
-  packed sequences are routed to the fused path.
+  packed sequences are routed to the fused path. Not available when a matrix is held by an
+  operator other than U V.
 - "auto" (default): "lowrank" when the factored recurrent product costs at most half the dense
   one and hidden_size >= AUTO_MIN_HIDDEN, else "fused". The threshold comes from CPU measurements
   (benchmarks/rnn_vowels.py, "latency" table): below ~128 hidden units per-step dispatch overhead,
@@ -29,6 +32,8 @@ import torch
 from torch import nn
 
 from tensorslim.decompose import truncated_svd
+from tensorslim.layers.additive import Compressed
+from tensorslim.layers.lowrank_linear import factors_of
 
 IMPLS = ("auto", "fused", "lowrank")
 AUTO_MIN_HIDDEN = 128
@@ -118,6 +123,29 @@ def _lstm_direction(
     return (seq.flip(0) if reverse else seq), h, c
 
 
+def _check_module(
+    module: nn.Module, ranks: dict[str, int | None], ops: dict[str, nn.Module], impl: str
+) -> None:
+    """ValueError / TypeError where LowRankRNN cannot wrap `module` with these ranks and ops."""
+    if not isinstance(module, (nn.GRU, nn.LSTM)):
+        raise TypeError(f"LowRankRNN wraps nn.GRU or nn.LSTM, got {type(module).__name__}")
+    if getattr(module, "proj_size", 0):
+        raise ValueError("LSTM with proj_size > 0 is not supported")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    unknown = (set(ranks) | set(ops)) - set(rnn_matrices(module))
+    if unknown:
+        raise ValueError(f"no weight matrix named {sorted(unknown)} in {type(module).__name__}")
+    both = sorted(n for n in ops if ranks.get(n) is not None)
+    if both:
+        raise ValueError(f"matrices {both} have both a rank and an operator")
+    if ops and impl == "lowrank":
+        raise ValueError(
+            f"impl 'lowrank' computes with U V factors; matrices {sorted(ops)} are held by other "
+            "operators (use 'fused' or 'auto')"
+        )
+
+
 _SCRIPTED: dict[str, Any] = {}
 
 
@@ -138,25 +166,26 @@ def _kernel(name: str) -> Any:
     return _SCRIPTED[name]
 
 
-class LowRankRNN(nn.Module):
-    """A GRU or LSTM with factorized weight matrices. `ranks` maps matrix names to a rank or None.
+class LowRankRNN(nn.Module, Compressed):
+    """A GRU or LSTM with compressed weight matrices. `ranks` maps matrix names to a rank or None
+    (dense); `ops` maps matrix names to operator modules held as they are.
 
-    Build it with `LowRankRNN.from_dense(module, ranks)` (returns a LowRankGRU or LowRankLSTM);
-    parameters are `<matrix>_u` (m x r) and `<matrix>_v` (r x n) for factorized matrices and the
-    original names for everything else.
+    Build it with `LowRankRNN.from_dense(module, ranks)` (truncated SVD) or
+    `LowRankRNN.from_ops(module, ops)` (each matrix's operator; both return a LowRankGRU or
+    LowRankLSTM). Parameters are `<matrix>_u` (m x r) and `<matrix>_v` (r x n) for factorized
+    matrices, `ops.<matrix>.*` for operator-held ones and the original names for everything else.
     """
 
-    def __init__(self, module: nn.Module, ranks: dict[str, int | None], impl: str = "auto") -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        ranks: dict[str, int | None],
+        impl: str = "auto",
+        ops: dict[str, nn.Module] | None = None,
+    ) -> None:
         super().__init__()
-        if not isinstance(module, (nn.GRU, nn.LSTM)):
-            raise TypeError(f"LowRankRNN wraps nn.GRU or nn.LSTM, got {type(module).__name__}")
-        if getattr(module, "proj_size", 0):
-            raise ValueError("LSTM with proj_size > 0 is not supported")
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        unknown = set(ranks) - set(rnn_matrices(module))
-        if unknown:
-            raise ValueError(f"no weight matrix named {sorted(unknown)} in {type(module).__name__}")
+        ops = dict(ops or {})
+        _check_module(module, ranks, ops, impl)
         self.mode = "LSTM" if isinstance(module, nn.LSTM) else "GRU"
         for attr in (
             "input_size",
@@ -169,7 +198,8 @@ class LowRankRNN(nn.Module):
         ):
             setattr(self, attr, getattr(module, attr))
         self.ranks = {n: ranks.get(n) for n in rnn_matrices(module)}
-        self.impl = choose_impl(self, self.ranks, impl)
+        self.ops = nn.ModuleDict(ops)
+        self.impl = "fused" if ops else choose_impl(self, self.ranks, impl)
         self.param_names = [n for n, _ in module.named_parameters(recurse=False)]
         # A parameter-free copy of the original module: its forward (argument checks, packed
         # sequences, hidden-state permutation) runs the fused kernel on weights we hand it.
@@ -180,6 +210,8 @@ class LowRankRNN(nn.Module):
         shell._flat_weight_refs = [None] * len(shell._flat_weights_names)
         object.__setattr__(self, "_shell", shell)  # not a submodule: no state_dict entries
         for name, p in module.named_parameters(recurse=False):
+            if name in ops:
+                continue
             r = self.ranks.get(name)
             kw = {"device": p.device, "dtype": p.dtype}
             if r is None:
@@ -197,11 +229,15 @@ class LowRankRNN(nn.Module):
 
     @classmethod
     def empty_like(
-        cls, module: nn.Module, ranks: dict[str, int | None], impl: str = "auto"
+        cls,
+        module: nn.Module,
+        ranks: dict[str, int | None],
+        impl: str = "auto",
+        ops: dict[str, nn.Module] | None = None,
     ) -> LowRankRNN:
         """The structure with unset weights (to load saved weights into)."""
         klass = cls._class_for(module) if cls is LowRankRNN else cls
-        return klass(module, ranks, impl)
+        return klass(module, ranks, impl, ops)
 
     @classmethod
     def from_dense(
@@ -220,20 +256,51 @@ class LowRankRNN(nn.Module):
                     getattr(layer, name + "_v").copy_(b)
         return layer
 
+    @classmethod
+    def from_ops(
+        cls, module: nn.Module, ops: dict[str, nn.Module | None], impl: str = "auto"
+    ) -> LowRankRNN:
+        """`module` with each matrix `ops[name]` replaced: a bias-free LowRankLinear operator is
+        stored as its factors (U = A, V = B, the keys of `from_dense`), None (or a matrix `ops`
+        does not name) stays dense, any other operator is held as it is (then impl is "fused":
+        the matrix is rebuilt from `op.dense_weight()` on each call)."""
+        factors = {n: factors_of(op) for n, op in ops.items() if op is not None}
+        ranks = {n: f[0].shape[1] for n, f in factors.items() if f is not None}
+        held = {n: op for n, op in ops.items() if op is not None and factors[n] is None}
+        layer = cls.empty_like(module, ranks, impl, ops=held)
+        with torch.no_grad():
+            for name, p in module.named_parameters(recurse=False):
+                if name in held:
+                    continue
+                if name in ranks:
+                    a, b = factors[name]
+                    getattr(layer, name + "_u").copy_(a)
+                    getattr(layer, name + "_v").copy_(b)
+                else:
+                    getattr(layer, name).copy_(p)
+        return layer
+
     def weights(self) -> dict[str, torch.Tensor]:
-        """Every parameter of the original module, matrices rebuilt from their factors."""
+        """Every parameter of the original module, matrices rebuilt from their factors or
+        operators."""
         out = {}
         for name in self.param_names:
-            if self.ranks.get(name) is None:
+            if name in self.ops:
+                out[name] = self.ops[name].dense_weight()
+            elif self.ranks.get(name) is None:
                 out[name] = getattr(self, name)
             else:
                 out[name] = getattr(self, name + "_u") @ getattr(self, name + "_v")
         return out
 
+    def dense_matrices(self) -> dict[str, torch.Tensor]:
+        """Every gate matrix (`rnn_matrices` order), as the layer computes with it."""
+        w = self.weights()
+        return {n: w[n] for n in self.ranks}
+
     def dense_weight(self) -> torch.Tensor:
         """All weight matrices, flattened and concatenated in `rnn_matrices` order."""
-        w = self.weights()
-        return torch.cat([w[n].reshape(-1) for n in self.ranks])
+        return torch.cat([w.reshape(-1) for w in self.dense_matrices().values()])
 
     def to_dense(self) -> nn.Module:
         """A stock nn.GRU / nn.LSTM computing the same function."""
@@ -332,6 +399,8 @@ class LowRankRNN(nn.Module):
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}={r}" for n, r in self.ranks.items() if r is not None)
+        if self.ops:
+            ranks = ", ".join([*([ranks] if ranks else []), *(f"{n}=op" for n in self.ops)])
         return (
             f"{self.mode}({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
             f"bidirectional={self.bidirectional}, batch_first={self.batch_first}), "
@@ -342,16 +411,28 @@ class LowRankRNN(nn.Module):
 class LowRankGRU(LowRankRNN):
     """Drop-in replacement of an nn.GRU with low-rank weight matrices (see LowRankRNN)."""
 
-    def __init__(self, module: nn.Module, ranks: dict[str, int | None], impl: str = "auto") -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        ranks: dict[str, int | None],
+        impl: str = "auto",
+        ops: dict[str, nn.Module] | None = None,
+    ) -> None:
         if not isinstance(module, nn.GRU):
             raise TypeError(f"LowRankGRU wraps nn.GRU, got {type(module).__name__}")
-        super().__init__(module, ranks, impl)
+        super().__init__(module, ranks, impl, ops)
 
 
 class LowRankLSTM(LowRankRNN):
     """Drop-in replacement of an nn.LSTM with low-rank weight matrices (see LowRankRNN)."""
 
-    def __init__(self, module: nn.Module, ranks: dict[str, int | None], impl: str = "auto") -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        ranks: dict[str, int | None],
+        impl: str = "auto",
+        ops: dict[str, nn.Module] | None = None,
+    ) -> None:
         if not isinstance(module, nn.LSTM):
             raise TypeError(f"LowRankLSTM wraps nn.LSTM, got {type(module).__name__}")
-        super().__init__(module, ranks, impl)
+        super().__init__(module, ranks, impl, ops)

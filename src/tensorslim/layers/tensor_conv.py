@@ -37,6 +37,7 @@ from tensorslim.decompose.tensor import (
     tucker2,
     tucker2_reconstruct,
 )
+from tensorslim.layers.additive import Compressed
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 
@@ -120,7 +121,7 @@ class ConvGeometry:
         )
 
 
-class FactorizedConv(nn.Sequential):
+class FactorizedConv(nn.Sequential, Compressed):
     """Base of the tensor-factorized convs: a named chain of stock conv layers."""
 
     method: str = ""

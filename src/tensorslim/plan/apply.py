@@ -1,86 +1,174 @@
-"""Apply a Plan to a model: replace each factorized layer the plan names.
+"""Apply a Plan to a model: replace each compressed layer the plan names, through the one
+materialize path (tensorslim.core.materialize).
 
 Everything is checked against the model before any layer is built, so a hand-edited plan cannot
-make tensorslim allocate what its numbers ask for: every factorized layer exists with the plan's
-type and shape, its method applies to it, it shares no parameter with a module that stays dense,
-and its rank is valid (`Factorizer.check_rank`, then a dry build on the meta device, which
-allocates nothing). A module used at several places is built once and set at each of its names.
+make tensorslim allocate what its numbers ask for: every compressed layer exists with the plan's
+type and shape, has a handler, each component's compressor supports it, it shares no parameter
+with a module that stays dense, and its parameters are valid (each compressor's `check`, then a
+dry build on the meta device, which allocates nothing). A module used at several places is built
+once and set at each of its names. Plans made with data-aware compressors are rebuilt from
+calibration data (`calibration=`), or raise a clear error saying what is missing.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from tensorslim.core.compressor import Compressor, compressor_class, make_options
+from tensorslim.core.discover import ModelIndex, layer_modules, sharing_reason
+from tensorslim.core.handler import Handler, handler_for
+from tensorslim.core.materialize import LayerJob, build_layer, check_spec, compressors_of
+from tensorslim.core.materialize import materialize as _materialize
+from tensorslim.core.surgery import get_submodule
+from tensorslim.core.target import LayerSite
 from tensorslim.errors import (
     InvalidRankError,
     PlanMismatchError,
     TensorSlimError,
     UnsupportedLayerError,
+    WeightFileError,
     short_repr,
 )
-from tensorslim.model import (
-    Factorizer,
-    ModelIndex,
-    find,
-    get_submodule,
-    layer_modules,
-    registered_methods,
-    replace_at,
-)
-from tensorslim.model.profile import sharing_reason
 from tensorslim.plan.plan import LayerPlan, Plan, label
 
-# A factorized structure may hold at most this many times the dense layer's parameters (every
+# A compressed structure may hold at most this many times the dense layer's parameters (every
 # full-rank factorization tensorslim builds stays below it: a matrix's r(m + n) is at most 2mn).
 MAX_SIZE_FACTOR = 4
-_ACCEPTED = "the method's rank form, each rank at most the layer's full rank"
-# What building a module from a bad rank raises (TensorSlimError, a ValueError, is re-raised).
+_ACCEPTED = "the compressor's parameter form, each rank at most the layer's full rank"
+# What building a module from bad parameters raises (TensorSlimError, a ValueError, is re-raised).
 _BUILD_ERRORS = (ValueError, TypeError, IndexError, KeyError, RuntimeError, OverflowError)
 
 
 @dataclass
 class _Step:
-    """One checked replacement: the plan's layer, all names of its module, how to build it."""
+    """One checked replacement: the plan's layer, all names of its module, its handler and spec."""
 
     lp: LayerPlan
     names: list[str]
-    factorizer: Factorizer
-    rank: Any
+    handler: Handler
+    compressors: list[Compressor]
 
 
-def apply_plan(model: nn.Module, plan: Plan, *, weights: str = "factorize") -> nn.Module:
-    """A copy of `model` with every factorized layer of `plan` replaced (the replacement itself
-    when the plan factorizes the model as a whole, layer name "").
+def apply_plan(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    weights: str = "factorize",
+    calibration: Iterable[Any] | None = None,
+    loss: Any = None,
+    progress: bool = False,
+) -> nn.Module:
+    """A copy of `model` with every compressed layer of `plan` replaced (the replacement itself
+    when the plan compresses the model as a whole, layer name "").
 
-    weights: "factorize" computes the factors from the model's dense weights; "empty" only builds
-    the structure (to load saved weights into). Before anything is built, raises WeightFileError
-    for a plan field of the wrong type or a duplicate layer, PlanMismatchError for a layer the
-    model lacks or one of another type or shape, UnsupportedLayerError for a layer the method
-    cannot factorize (or one whose weight is tied to a dense module), InvalidRankError for a rank
-    outside what the layer and method accept.
+    weights: "factorize" computes the compressed weights from the model's dense weights; "empty"
+    only builds the structure (to load saved weights into). calibration / loss: batches of model
+    inputs and loss(model, batch) -> scalar, needed when the plan uses a data-aware compressor
+    ("fwsvd", "fvd", "whitened"); without them such a plan raises TensorSlimError naming the
+    layers and what they need.
+
+    Before anything is built, raises WeightFileError for a plan field of the wrong type or a
+    duplicate layer, PlanMismatchError for a layer the model lacks or one of another type or shape,
+    UnsupportedLayerError for a layer a compressor cannot compress (or one whose weight is tied to
+    a dense module), InvalidRankError for parameters outside what the layer and compressor accept.
     """
     if weights not in ("factorize", "empty"):
         raise TensorSlimError(f"weights must be 'factorize' or 'empty'; got {weights!r}")
     if not isinstance(plan, Plan):
         raise TensorSlimError(f"plan must be a tensorslim Plan; got {type(plan).__name__}")
     steps = check_plan(model, plan)
-    out = copy.deepcopy(model)
-    for step in steps:
-        new = _build(step, get_submodule(out, step.names[0]), weights)
-        out = replace_at(out, step.names, new)
+    options = plan_options(plan)
+    jobs = [LayerJob(st.names, st.lp.components, LayerSite(st.lp.name)) for st in steps]
+    if weights == "factorize":
+        jobs = _calibrated(model, plan, steps, jobs, calibration, loss, progress)
+    try:
+        return _materialize(
+            model, jobs, handler_of=handler_for, empty=weights == "empty", options=options
+        )
+    except TensorSlimError:
+        raise
+    except _BUILD_ERRORS as exc:
+        raise InvalidRankError(f"cannot build the plan: {exc}") from exc
+
+
+def plan_options(plan: Plan) -> dict[str, Any]:
+    """The compressor options a plan was made with (meta["options"]: kind -> options),
+    validated against each compressor's options."""
+    raw = plan.meta.get("options") or {}
+    if not isinstance(raw, dict):
+        raise WeightFileError(f"plan meta 'options' must be an object; got {short_repr(raw)}")
+    out = {}
+    for kind, opts in raw.items():
+        cls = compressor_class(kind) if isinstance(kind, str) else None
+        if cls is None:
+            continue  # options of a compressor this plan does not use
+        try:
+            out[kind] = make_options(cls, opts)
+        except TensorSlimError as exc:
+            raise WeightFileError(f"plan meta 'options': {exc}") from exc
     return out
 
 
+def _calibrated(
+    model: nn.Module,
+    plan: Plan,
+    steps: list[_Step],
+    jobs: list[LayerJob],
+    calibration: Any,
+    loss: Any,
+    progress: bool,
+) -> list[LayerJob]:
+    """The jobs with calibration statistics where a compressor needs them."""
+    needy = [(st, job) for st, job in zip(steps, jobs) if any(c.needs for c in st.compressors)]
+    if not needy:
+        return jobs
+    needs = sorted({n for st, _ in needy for c in st.compressors for n in c.needs})
+    if calibration is None or ("fisher" in needs and loss is None):
+        names = ", ".join(
+            f"{label(st.lp.name)} ({st.lp.method})" for st, _ in needy[:4]
+        ) + (f" and {len(needy) - 4} more" if len(needy) > 4 else "")
+        what = "calibration=batches" + (" and loss=fn" if "fisher" in needs else "")
+        raise TensorSlimError(
+            f"the plan compresses {names} with data-aware compressors, which need "
+            f"{' and '.join(needs)} statistics: pass {what} to apply_plan (to rebuild a saved "
+            "model without data use tensorslim.load)"
+        )
+    from tensorslim.calibrate.attach import attach, peek
+    from tensorslim.core.discover import LayerInfo
+
+    batches, _ = peek(calibration, None)
+    infos = [
+        LayerInfo(st.lp.name, get_submodule(model, st.lp.name), st.handler, st.compressors[0],
+                  None, job.site)
+        for st, job in needy
+    ]
+    attach(
+        model, infos, plan.method, batches, loss=loss,
+        objective="weight",  # building needs only the compressors' own statistics
+        options={}, progress=progress, verb="pass",
+    )
+    by_name = {info.name: info for info in infos}
+    for job in jobs:
+        info = by_name.get(job.names[0])
+        if info is not None:
+            if info.reason is not None:
+                raise TensorSlimError(f"layer {label(info.name)}: {info.reason}")
+            job.site = info.site
+    return jobs
+
+
 def check_plan(model: nn.Module, plan: Plan) -> list[_Step]:
-    """Check every field of `plan` and every factorized layer against `model` (see apply_plan);
+    """Check every field of `plan` and every compressed layer against `model` (see apply_plan);
     returns the replacements to build, in plan order."""
     plan.validate()
+    options = plan_options(plan)
     layers = layer_modules(model)
     index = ModelIndex(model)
     steps: list[_Step] = []
@@ -95,10 +183,9 @@ def check_plan(model: nn.Module, plan: Plan) -> list[_Step]:
                 "module in the model; list it once"
             )
         names = _names(lp, module, layers, index)
-        factorizer = _factorizer(lp, module)
-        rank = tuple(lp.rank) if isinstance(lp.rank, list) else lp.rank
-        _check_rank(lp, module, factorizer, rank)
-        steps.append(_Step(lp, names, factorizer, rank))
+        handler, comps = _compressors(lp, module, options)
+        _check_params(lp, module, handler, options)
+        steps.append(_Step(lp, names, handler, comps))
     return steps
 
 
@@ -146,47 +233,61 @@ def _names(
     return names
 
 
-def _factorizer(lp: LayerPlan, module: nn.Module) -> Factorizer:
-    factorizer = find(module, lp.method)
-    if factorizer is None:
-        known = registered_methods()
-        if lp.method in known:
-            raise PlanMismatchError(
-                f"plan asks for method {lp.method!r} on {label(lp.name)}, but {lp.method!r} does "
-                f"not apply to {lp.type} layers"
-            )
+def _compressors(lp: LayerPlan, module: nn.Module, options: dict) -> tuple[Handler, list]:
+    handler = handler_for(module)
+    if handler is None:
         raise PlanMismatchError(
-            f"plan asks for method {lp.method!r} on {label(lp.name)} ({lp.type}), which is not "
-            f"registered; known methods: {', '.join(known)}"
+            f"plan compresses {label(lp.name)}, a {lp.type}, which no handler knows"
         )
-    why = factorizer.unsupported_reason(module)
+    why = handler.unsupported_reason(module)
     if why is not None:
-        raise UnsupportedLayerError(f"{_where(lp)} cannot be factorized: {why}")
-    return factorizer
+        raise UnsupportedLayerError(f"{_where(lp)} cannot be compressed: {why}")
+    try:
+        comps = compressors_of(lp.components, options)
+    except TensorSlimError as exc:
+        raise PlanMismatchError(f"{_where(lp)}: {exc}") from exc
+    for comp in comps:
+        why = comp.supports(handler, module)
+        if why is None:
+            continue
+        fb = comp.fallback(handler, module)
+        if fb is not None:  # compress would have used the fallback and recorded its kind
+            why = (
+                f"kind {comp.kind!r} does not apply to this {type(module).__name__} "
+                f"({fb[1].split('; falls back')[0]}); use kind {fb[0]!r}"
+            )
+        raise UnsupportedLayerError(f"{_where(lp)} cannot be compressed: {why}")
+    return handler, comps
 
 
-def _check_rank(lp: LayerPlan, module: nn.Module, factorizer: Factorizer, rank: Any) -> None:
-    why = factorizer.check_rank(module, rank)
+def _check_params(lp: LayerPlan, module: nn.Module, handler: Handler, options: dict) -> None:
+    site = LayerSite(lp.name)
+    why = check_spec(module, handler, lp.components, site, options)
     if why is None:
-        why = _dry_build_problem(module, factorizer, rank)
+        why = _dry_build_problem(lp, module, handler, options)
     if why is not None:
         raise InvalidRankError(f"{_where(lp)}: {why}")
 
 
-def _dry_build_problem(module: nn.Module, factorizer: Factorizer, rank: Any) -> str | None:
+def _dry_build_problem(
+    lp: LayerPlan, module: nn.Module, handler: Handler, options: dict
+) -> str | None:
     """Build the structure on the meta device: None if it builds at a sane size, else why not."""
+    spec = lp.components
     try:
-        built = factorizer.empty(_meta_twin(module), rank)
+        built, _ = build_layer(
+            _meta_twin(module), handler, spec, LayerSite(lp.name), empty=True, options=options
+        )
     except TensorSlimError:
         raise
     except _BUILD_ERRORS as exc:
-        return f"rank {short_repr(rank)} does not fit this layer ({exc}); accepted: {_ACCEPTED}"
+        return f"spec {short_repr(lp.spec)} does not fit this layer ({exc}); accepted: {_ACCEPTED}"
     size = sum(p.numel() for p in built.parameters())
-    dense = factorizer.dense_params(module)
+    dense = sum(p.numel() for p in module.parameters())
     if size > MAX_SIZE_FACTOR * dense:
         return (
-            f"rank {short_repr(rank)} would build {size} parameters, over {MAX_SIZE_FACTOR}x the "
-            f"dense layer's {dense}; accepted: {_ACCEPTED}"
+            f"spec {short_repr(lp.spec)} would build {size} parameters, over {MAX_SIZE_FACTOR}x "
+            f"the dense layer's {dense}; accepted: {_ACCEPTED}"
         )
     return None
 
@@ -199,19 +300,6 @@ def _meta_twin(module: nn.Module) -> nn.Module:
         is_param = isinstance(t, nn.Parameter)
         memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if is_param else meta
     return copy.deepcopy(module, memo)
-
-
-def _build(step: _Step, module: nn.Module, weights: str) -> nn.Module:
-    """The replacement of `module`; a failure the checks could not foresee names the layer."""
-    build = step.factorizer.apply if weights == "factorize" else step.factorizer.empty
-    try:
-        return build(module, step.rank)
-    except TensorSlimError:
-        raise
-    except _BUILD_ERRORS as exc:
-        raise InvalidRankError(
-            f"{_where(step.lp)}: cannot build it at rank {short_repr(step.rank)}: {exc}"
-        ) from exc
 
 
 def _weight_shape(module: nn.Module) -> tuple[int, ...]:

@@ -1,4 +1,5 @@
-"""Plan: what happens to each layer (method, rank, why), with costs before and after. JSON round-trip."""
+"""Plan: what happens to each layer (its compression spec and why), with costs before and after.
+JSON round trip; plan files of format 1 (tensorslim 0.1.0: one method and rank per layer) load too."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tensorslim.core.compressor import compressor_class, compressor_kinds
+from tensorslim.core.spec import SpecError, legacy_spec, parse_spec, spec_to_json
 from tensorslim.errors import WeightFileError, is_int, short_repr
-from tensorslim.plan.table import render_plan
+from tensorslim.plan.render import render_plan
 
-PLAN_FORMAT = 1
+# 2: per-layer "spec" (a list of components) and bits; 1: "method" and "rank" (tensorslim 0.1.0).
+PLAN_FORMAT = 2
 # A plan of a model with a million layers is far smaller; larger files are refused unread.
 MAX_PLAN_BYTES = 64 << 20
 
@@ -26,20 +30,24 @@ def label(name: str) -> str:
 
 @dataclass
 class LayerPlan:
-    """One layer's fate. `method` is "dense" for a layer left as it was, with `reason` saying why.
+    """One layer's fate: `spec` is its compression (a list of component objects, summed; [] for a
+    layer left dense, with `reason` saying why). `method` and `rank` are read-only views of a
+    one-component spec.
 
-    `compressible` layers count in the keep base; `rel_error` is ||W - W_hat|| / ||W|| (Frobenius).
+    `compressible` layers count in the keep base; `rel_error` is ||W - W_hat|| / ||W|| (Frobenius,
+    all the layer's matrices together); bits are storage bits (factors at their dtype).
     """
 
     name: str
     type: str
     shape: list[int]
-    method: str = "dense"
-    rank: Any = None
+    spec: list[dict[str, Any]] = field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
     flops_before: int | None = None
     flops_after: int | None = None
+    bits_before: int | None = None
+    bits_after: int | None = None
     rel_error: float | None = None
     reason: str | None = None
     compressible: bool = False
@@ -47,7 +55,32 @@ class LayerPlan:
 
     @property
     def factorized(self) -> bool:
-        return self.method != "dense"
+        return bool(self.spec)
+
+    @property
+    def components(self) -> list:
+        """The spec as core.spec.Component objects."""
+        return parse_spec(self.spec)
+
+    @property
+    def method(self) -> str:
+        """"dense", the method name of a one-component spec ("svd" for kind "lowrank"), or the
+        kinds joined by "+"."""
+        if not self.spec:
+            return "dense"
+        kinds = [c.get("kind") if isinstance(c, dict) else None for c in self.spec]
+        names = []
+        for k in kinds:
+            cls = compressor_class(k) if isinstance(k, str) else None
+            names.append(cls.method if cls is not None and cls.kind == k else str(k))
+        return "+".join(names)
+
+    @property
+    def rank(self) -> Any:
+        """The "rank" of a one-component spec, else None."""
+        if len(self.spec) == 1 and isinstance(self.spec[0], dict):
+            return self.spec[0].get("rank")
+        return None
 
 
 @dataclass
@@ -65,6 +98,8 @@ class Plan:
     model_params_after: int = 0
     model_flops_before: int | None = None
     model_flops_after: int | None = None
+    model_bits_before: int | None = None
+    model_bits_after: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     format: int = PLAN_FORMAT
 
@@ -86,7 +121,12 @@ class Plan:
 
     # -- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The plan as JSON-ready data; each layer also carries its `method` view (informational:
+        on reading it must agree with the spec)."""
+        d = asdict(self)
+        for lp, ld in zip(self.layers, d["layers"]):
+            ld["method"] = lp.method
+        return d
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The plan as indented JSON; also written to `path` if given (not atomically: see io.save)."""
@@ -101,7 +141,7 @@ class Plan:
         field has the wrong type (see `validate`). Unknown keys are ignored."""
         if not isinstance(d, dict):
             raise WeightFileError(f"a plan must be a JSON object; got {type(d).__name__}")
-        fmt = d.get("format", PLAN_FORMAT)
+        fmt = d.get("format", 1)
         _check_field("plan", "format", fmt, *_FORMAT)
         if fmt > PLAN_FORMAT:
             raise WeightFileError(
@@ -114,15 +154,16 @@ class Plan:
             raise WeightFileError(
                 f"plan field 'layers' must be a list of layer objects; got {short_repr(d['layers'])}"
             )
-        layers = [_layer_from_dict(i, lp) for i, lp in enumerate(d["layers"])]
-        top = {f.name for f in fields(cls)} - {"layers"}
+        layers = [_layer_from_dict(i, lp, fmt) for i, lp in enumerate(d["layers"])]
+        top = {f.name for f in fields(cls)} - {"layers", "format"}
         plan = cls(layers=layers, **{k: v for k, v in d.items() if k in top})
         plan.validate()
         return plan
 
     def validate(self) -> None:
         """Raise WeightFileError naming the layer (index and name), field, value and what is
-        accepted if any field has the wrong type or a layer name appears twice."""
+        accepted if any field has the wrong type, a spec names an unknown compressor kind, or a
+        layer name appears twice."""
         if not isinstance(self.layers, list):
             raise WeightFileError(f"plan field 'layers' must be a list; got {short_repr(self.layers)}")
         for key, (ok, accepted) in _PLAN_FIELDS.items():
@@ -133,8 +174,21 @@ class Plan:
                 raise WeightFileError(f"plan layer {i} must be a LayerPlan; got {short_repr(lp)}")
             _check_field(f"plan layer {i}", "name", lp.name, *_LAYER_FIELDS["name"])
             where = f"plan layer {i} ({label(lp.name)})"
+            _check_field(where, "spec", lp.spec, *_LAYER_FIELDS["spec"])
+            try:
+                lp.spec = spec_to_json(parse_spec(lp.spec))  # Component objects -> plain dicts
+            except SpecError as exc:
+                raise WeightFileError(
+                    f"{where}: field 'spec' {short_repr(lp.spec)}: {exc}"
+                ) from None
             for key, (ok, accepted) in _LAYER_FIELDS.items():
                 _check_field(where, key, getattr(lp, key), ok, accepted)
+            for c in lp.spec:
+                if compressor_class(c["kind"]) is None:
+                    raise WeightFileError(
+                        f"{where}: spec names unknown compressor kind {short_repr(c['kind'])}; "
+                        f"known kinds: {', '.join(map(repr, compressor_kinds()))}"
+                    )
             if lp.name in seen:
                 raise WeightFileError(
                     f"plan lists layer {label(lp.name)} twice (layers {seen[lp.name]} and {i}); "
@@ -181,14 +235,18 @@ def _optional(check: Check) -> Check:
     return lambda v: v is None or check(v)
 
 
-def _rank(v: Any) -> bool:
-    """None, an int, a list of ints, or an object of ints or nulls (an RNN's per-matrix ranks);
-    the range is checked against the layer by apply_plan."""
-    if isinstance(v, dict):
-        return all(isinstance(k, str) and (x is None or is_int(x)) for k, x in v.items())
-    if isinstance(v, (list, tuple)):
-        return all(is_int(x) for x in v)
-    return v is None or is_int(v)
+def _spec(v: Any) -> bool:
+    """A list (the components are checked by parse_spec; parameter values against the layer by
+    apply_plan, each compressor's `check`)."""
+    return isinstance(v, list)
+
+
+def _parses(v: Any) -> bool:
+    try:
+        parse_spec(v)
+    except SpecError:
+        return False
+    return isinstance(v, list)
 
 
 def _extra(v: Any) -> bool:
@@ -207,16 +265,13 @@ _LAYER_FIELDS: dict[str, tuple[Check, str]] = {
         lambda v: isinstance(v, (list, tuple)) and all(_count(x) for x in v),
         "a list of integers >= 0",
     ),
-    "method": _STR,
-    "rank": (
-        _rank,
-        "null, an integer, a list of integers or an object mapping matrix names to an integer "
-        "or null",
-    ),
+    "spec": (_spec, "a list of component objects {\"kind\": name, ...parameters}"),
     "params_before": _COUNT,
     "params_after": _COUNT,
     "flops_before": _OPT_COUNT,
     "flops_after": _OPT_COUNT,
+    "bits_before": _OPT_COUNT,
+    "bits_after": _OPT_COUNT,
     "rel_error": (_optional(lambda v: _is_number(v) and v >= 0), "a finite number >= 0 or null"),
     "reason": (_optional(lambda v: isinstance(v, str)), "a string or null"),
     "compressible": (lambda v: isinstance(v, bool), "true or false"),
@@ -232,6 +287,8 @@ _PLAN_FIELDS: dict[str, tuple[Check, str]] = {
     "model_params_after": _COUNT,
     "model_flops_before": _OPT_COUNT,
     "model_flops_after": _OPT_COUNT,
+    "model_bits_before": _OPT_COUNT,
+    "model_bits_after": _OPT_COUNT,
     "meta": (lambda v: isinstance(v, dict), "an object"),
     "format": _FORMAT,
 }
@@ -242,16 +299,35 @@ def _check_field(where: str, key: str, value: Any, ok: Check, accepted: str) -> 
         raise WeightFileError(f"{where}: field {key!r} must be {accepted}; got {short_repr(value)}")
 
 
-def _layer_from_dict(i: int, d: Any) -> LayerPlan:
+def _layer_from_dict(i: int, d: Any, fmt: int) -> LayerPlan:
     if not isinstance(d, dict):
         raise WeightFileError(f"plan layer {i} must be an object; got {short_repr(d)}")
+    name = d.get("name")
+    where = f"plan layer {i}" + (f" ({label(name)})" if isinstance(name, str) else "")
     for key in ("name", "type", "shape"):
         if key not in d:
-            name = d.get("name")
-            where = f"plan layer {i}" + (f" ({label(name)})" if isinstance(name, str) else "")
             raise WeightFileError(f"{where}: missing field {key!r}")
     known = {f.name for f in fields(LayerPlan)}
-    return LayerPlan(**{k: v for k, v in d.items() if k in known})
+    values = {k: v for k, v in d.items() if k in known}
+    if fmt < 2:  # tensorslim 0.1.0: one method and one rank per layer
+        method = d.get("method", "dense")
+        _check_field(where, "method", method, *_STR)
+        try:
+            values["spec"] = legacy_spec(method, d.get("rank"))
+        except SpecError as exc:
+            raise WeightFileError(f"{where}: {exc}") from None
+    elif "rank" in d:
+        raise WeightFileError(
+            f"{where}: field 'rank' belongs to plan format 1; this plan (format {fmt}) keeps "
+            "ranks in 'spec' (edit the component's \"rank\" there)"
+        )
+    lp = LayerPlan(**values)
+    if fmt >= 2 and "method" in d and _parses(lp.spec) and d["method"] != lp.method:
+        raise WeightFileError(
+            f"{where}: field 'method' is {short_repr(d['method'])} but its spec says "
+            f"{lp.method!r}; 'method' only shows the spec: edit 'spec' instead"
+        )
+    return lp
 
 
 def _read_text(path: Path) -> str:

@@ -8,6 +8,12 @@ layer truncated; then with every conv layer truncated along the same cut at the 
 truncation along the index order (out, in, kh, kw), i.e. an MPS with bonds set to a fraction of the
 full bonds, is included as cut "mps". Optionally the most damaged all-layer model is retrained for a
 few epochs and its accuracy recorded after each epoch (the recovery curve).
+
+A truncation along one cut is the "lowrank" compressor's projection (exact truncated SVD,
+Eckart-Young) of the kernel matricized with the cut's two sides as rows and columns; for the cut
+"out|in,kh,kw" that matrix is the conv handler's. The MPS truncation is TT-SVD along the index
+order (decompose.cuts.truncate_mps); no compressor orders a kernel's train that way (kind "tt"
+orders it (in, kh, kw, out)).
 """
 
 from __future__ import annotations
@@ -22,7 +28,16 @@ import torch
 from torch import nn
 
 from tensorslim._progress import track
-from tensorslim.decompose.cuts import Cut, all_cuts, cut_by_name, truncate_cut, truncate_mps
+from tensorslim.core.compressor import get_compressor
+from tensorslim.decompose import singular_values
+from tensorslim.decompose.cuts import (
+    Cut,
+    Truncation,
+    all_cuts,
+    cut_by_name,
+    norm_loss,
+    truncate_mps,
+)
 from tensorslim.train import accuracy, fit
 
 
@@ -60,7 +75,7 @@ def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     ]
 
 
-def _truncate(w: torch.Tensor, cut: str, level: tuple[str, float]):
+def _truncate(w: torch.Tensor, cut: str, level: tuple[str, float]) -> Truncation:
     kind, value = level
     if cut == "mps":
         full = tuple(
@@ -69,8 +84,47 @@ def _truncate(w: torch.Tensor, cut: str, level: tuple[str, float]):
         bonds = tuple(max(1, math.ceil(value * f)) for f in full)
         return truncate_mps(w, bonds)
     if kind == "retain":
-        return truncate_cut(w, cut, retain=value)
-    return truncate_cut(w, cut, chi=int(value))
+        return truncate_along(w, cut, retain=value)
+    return truncate_along(w, cut, chi=int(value))
+
+
+def truncate_along(
+    kernel: torch.Tensor, cut: Cut | str, *, chi: int | None = None, retain: float | None = None
+) -> Truncation:
+    """`kernel` truncated along `cut` to bond `chi`, or to the smallest bond keeping at least
+    `retain` of its norm (||K~|| / ||K||; exactly one of the two): the matricization's projection
+    by the "lowrank" compressor, reshaped back (as decompose.cuts.truncate_cut computes it)."""
+    if (chi is None) == (retain is None):
+        raise ValueError("give exactly one of chi and retain")
+    cut = cut_by_name(cut) if isinstance(cut, str) else cut
+    k = kernel.detach().to(torch.float64)
+    if k.ndim != 4:
+        raise ValueError(f"expected a 4-D kernel (out, in, kh, kw), got shape {tuple(k.shape)}")
+    perm = cut.left + cut.right
+    m = k.permute(perm).reshape(math.prod(k.shape[i] for i in cut.left), -1)
+    full = min(m.shape)
+    if chi is None:
+        chi = _bond_for(m, retain)
+    if chi < 1:
+        raise ValueError(f"chi must be >= 1, got {chi}")
+    chi = min(chi, full)
+    # the exact truncated SVD ("auto" may pick the randomized one on large matricizations)
+    approx = get_compressor("lowrank", {"svd": "full"}).project(m, {"rank": chi})
+    inv = [perm.index(i) for i in range(4)]
+    shaped = approx.reshape([k.shape[i] for i in perm]).permute(inv).contiguous()
+    loss, loss_sq = norm_loss(k, shaped)
+    return Truncation(shaped.to(kernel.dtype), chi, full, loss, loss_sq)
+
+
+def _bond_for(m: torch.Tensor, retain: float) -> int:
+    """The smallest rank whose truncation of `m` keeps ||M~|| / ||M|| >= retain (1 for M = 0)."""
+    if not 0.0 < retain <= 1.0:
+        raise ValueError(f"retain must be in (0, 1], got {retain}")
+    s = singular_values(m)
+    if float(s.sum()) <= 0:
+        return 1
+    kept = torch.cumsum(s**2, 0) / (s**2).sum()  # ||M~||^2 / ||M||^2 for each rank
+    return int((kept >= retain**2 - 1e-12).nonzero()[0]) + 1
 
 
 def _level_name(level: tuple[str, float]) -> str:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tensorslim._progress import track
-from tensorslim.model.modes import eval_mode
+from tensorslim.core.modes import eval_mode
 
 
 def fit(

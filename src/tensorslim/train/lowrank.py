@@ -9,22 +9,27 @@ Courtat 2023, "Compression of recurrent neural networks using matrix factorizati
 - hard low-rank approximation: every N epochs overwrite each matrix with its rank-R truncated SVD
   (the paper: N = 20, R = 20 or 40); training continues from the truncated weights.
 
-The matrices are the stacked-gate weight_ih / weight_hh of every nn.GRU / nn.LSTM by default (as in
-the paper), optionally nn.Linear weights too. `fit_lowrank` is the training loop with both
-adaptations (Adam, learning rate x `lr_decay` per epoch as in the paper's experiments).
+The matrices are those each layer's handler exposes (core.handler): the stacked-gate weight_ih /
+weight_hh of every nn.GRU / nn.LSTM by default (as in the paper), optionally those of nn.Linear,
+convolutions, GPT-2's Conv1D or attention. The hard step is the "lowrank" compressor's projection
+(compressors/lowrank.py) of each handler matrix, written back into its parameter through its
+MatrixLayout. `fit_lowrank` is the training loop with both adaptations (Adam, learning rate x
+`lr_decay` per epoch as in the paper's experiments).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from tensorslim._progress import track
+from tensorslim.core.compressor import get_compressor
+from tensorslim.core.handler import Handler, handler_for
 from tensorslim.errors import TensorSlimError
-from tensorslim.layers.lowrank_rnn import rnn_matrices
 
 
 def ramp(epoch: float, a: float, b: float) -> float:
@@ -36,29 +41,135 @@ def ramp(epoch: float, a: float, b: float) -> float:
     return (epoch - a) / (b - a)
 
 
+class MatrixLayout:
+    """Where the entries of a handler's matrix W (m x n) lie in the parameter holding it: a
+    reshape of the parameter ("reshape": Linear, RNN gates, attention; a conv kernel as
+    out x in * prod(k)), the transpose of a 2-D parameter ("transpose": GPT-2's Conv1D stores
+    W^T), or any other rearrangement ("gather": `index[i, j]` is the flat position of W[i, j]).
+
+    `of` finds it by passing a probe (the parameter's flat positions, shaped like it) through the
+    handler's `grad_matrix`, which maps a parameter-shaped tensor to the part's (m x n) layout, and
+    checks that the probe gives a rearrangement of the parameter's entries that reproduces
+    `handler.matrices(module)[part]` exactly; so `write_` puts the handler's matrix back in the
+    parameter's layout.
+    """
+
+    def __init__(self, index: torch.Tensor) -> None:
+        rows, cols = index.shape
+        self.shape = (int(rows), int(cols))
+        flat = torch.arange(index.numel(), device=index.device)
+        self.view = "gather"
+        self.index: torch.Tensor | None = index  # kept only for "gather"
+        if torch.equal(index, flat.reshape(rows, cols)):
+            self.view, self.index = "reshape", None
+        elif torch.equal(index, flat.reshape(cols, rows).T):
+            self.view, self.index = "transpose", None
+
+    @classmethod
+    def of(cls, handler: Handler, module: nn.Module, part: str) -> MatrixLayout:
+        """The layout of matrix `part` of `module` in `handler.weight_parameters(module)[part]`;
+        TensorSlimError if the handler's grad_matrix is not a rearrangement of the entries."""
+        param = handler.weight_parameters(module)[part]
+        probe = torch.arange(param.numel(), device=param.device).reshape(param.shape)
+        index = handler.grad_matrix(module, part, probe)
+        expected = handler.matrices(module)[part]
+        where = f"{type(handler).__name__} matrix {part!r}"
+        if index.ndim != 2 or tuple(index.shape) != tuple(expected.shape):
+            raise TensorSlimError(
+                f"{where}: grad_matrix gives shape {tuple(index.shape)}, the matrix is "
+                f"{tuple(expected.shape)}"
+            )
+        if not torch.equal(index.reshape(-1).sort().values, probe.reshape(-1)):
+            raise TensorSlimError(
+                f"{where}: grad_matrix is not a rearrangement of the parameter's entries; "
+                "cannot write the matrix back into the parameter"
+            )
+        layout = cls(index)
+        got = layout.matrix(param.detach())
+        if not torch.isclose(got, expected, rtol=0, atol=0, equal_nan=True).all():
+            raise TensorSlimError(f"{where}: grad_matrix does not match the handler's matrices")
+        return layout
+
+    @classmethod
+    def rows(cls, param: torch.Tensor) -> MatrixLayout:
+        """The default layout: the parameter as (shape[0] x rest), a kernel's out x in * prod(k)."""
+        rows = param.shape[0] if param.ndim else 1
+        return cls(torch.arange(param.numel()).reshape(rows, -1))
+
+    def matrix(self, param: torch.Tensor) -> torch.Tensor:
+        """The matrix (m x n) of `param`, differentiable (a view unless the layout is "gather")."""
+        rows, cols = self.shape
+        if self.view == "reshape":
+            return param.reshape(rows, cols)
+        if self.view == "transpose":
+            return param.reshape(cols, rows).T
+        return param.reshape(-1)[self.index.to(param.device)]
+
+    @torch.no_grad()
+    def write_(self, param: torch.Tensor, matrix: torch.Tensor) -> None:
+        """Overwrite `param` in place so that its matrix is `matrix` (cast to its dtype)."""
+        matrix = matrix.to(device=param.device, dtype=param.dtype)
+        if self.view == "reshape":
+            param.copy_(matrix.reshape(param.shape))
+        elif self.view == "transpose":
+            param.copy_(matrix.T.reshape(param.shape))
+        else:
+            flat = param.detach().reshape(-1).clone()
+            flat[self.index.to(param.device).reshape(-1)] = matrix.reshape(-1)
+            param.copy_(flat.reshape(param.shape))
+
+
+class LowRankMatrices(dict):
+    """{dotted parameter name: parameter} (what `lowrank_matrices` returns) with each matrix's
+    layout in its parameter (`layouts[name]`, see MatrixLayout)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.layouts: dict[str, MatrixLayout] = {}
+
+
 def lowrank_matrices(
     model: nn.Module, kinds: Sequence[type[nn.Module]] = (nn.GRU, nn.LSTM)
-) -> dict[str, nn.Parameter]:
-    """{dotted parameter name: parameter} of the matrices the adaptations act on: every weight
-    matrix of the GRU/LSTM modules (and of nn.Linear if it is among `kinds`)."""
-    out = {}
+) -> LowRankMatrices:
+    """{dotted parameter name: parameter} of the matrices the adaptations act on: every matrix
+    that the handler of a module of `kinds` exposes (by default every stacked-gate matrix of the
+    GRU/LSTM modules, as in the paper; add nn.Linear, nn.Conv2d, ... for theirs). A parameter
+    reached from several modules is listed once, under its first name."""
+    out = LowRankMatrices()
+    seen: set[int] = set()
     for name, module in model.named_modules():
-        if not isinstance(module, tuple(kinds)):
+        handler = handler_for(module) if isinstance(module, tuple(kinds)) else None
+        if handler is None:
             continue
-        if isinstance(module, (nn.GRU, nn.LSTM)):
-            params = rnn_matrices(module)
-        elif isinstance(module, nn.Linear):
-            params = ["weight"]
-        else:
-            continue
-        for p in params:
-            out[f"{name}.{p}" if name else p] = getattr(module, p)
+        local = {id(p): n for n, p in module.named_parameters()}
+        for part, param in handler.weight_parameters(module).items():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            key = f"{name}.{local[id(param)]}" if name else local[id(param)]
+            out[key] = param
+            out.layouts[key] = MatrixLayout.of(handler, module, part)
     return out
 
 
+def _layout(matrices: Mapping[str, torch.Tensor], name: str, w: torch.Tensor) -> MatrixLayout:
+    """The layout `lowrank_matrices` recorded for `name`, else the parameter as (rows x rest)."""
+    layouts = getattr(matrices, "layouts", {})
+    return layouts[name] if name in layouts else MatrixLayout.rows(w)
+
+
+def _rows(w: torch.Tensor) -> torch.Tensor:
+    """`w` as a matrix: itself, or a kernel as (shape[0] x rest) (MatrixLayout.rows, no copy)."""
+    return w if w.ndim == 2 else w.reshape(w.shape[0], -1)
+
+
 def nuclear_norm(matrices: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sum of the nuclear norms (sums of singular values) of the matrices; differentiable."""
-    mats = list(matrices.values()) if isinstance(matrices, dict) else list(matrices)
+    """Sum of the nuclear norms (sums of singular values) of the matrices; differentiable. A
+    tensor with more than two dimensions (a kernel) counts as its (shape[0] x rest) matrix; the
+    result of `lowrank_matrices` is read in each handler's layout."""
+    layouts = getattr(matrices, "layouts", {})
+    items = matrices.items() if isinstance(matrices, Mapping) else enumerate(matrices)
+    mats = [layouts[k].matrix(w) if k in layouts else _rows(w) for k, w in items]
     if not mats:
         raise TensorSlimError("nuclear_norm needs at least one matrix")
     # svdvals: the same value and (sub)gradient U V^T as matrix_norm(ord="nuc"), ~2x cheaper on CPU.
@@ -67,18 +178,23 @@ def nuclear_norm(matrices: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> 
 
 @torch.no_grad()
 def hard_lowrank_(matrices: dict[str, torch.Tensor], rank: int) -> dict[str, float]:
-    """Overwrite each matrix in place with its rank-`rank` truncated SVD (matrices whose smaller
-    side is <= rank are left alone). Returns each truncated matrix's relative Frobenius error."""
+    """Overwrite each matrix in place with its rank-`rank` truncated SVD: the projection of the
+    "lowrank" compressor (exact SVD) on the handler's matrix, written back into the parameter
+    through its layout (matrices whose smaller side is <= rank are left alone). Returns each
+    truncated matrix's relative Frobenius error."""
     if rank < 1:
         raise TensorSlimError(f"hard low-rank rank must be >= 1; got {rank}")
+    lowrank = get_compressor("lowrank", {"svd": "full"})
     errors = {}
     for name, w in matrices.items():
-        if min(w.shape) <= rank:
+        layout = _layout(matrices, name, w)
+        mat = layout.matrix(w.detach()).to(torch.float64)
+        if min(mat.shape) <= rank:
             continue
-        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-        w_r = (u[:, :rank] * s[:rank]) @ vh[:rank]
-        errors[name] = float(s[rank:].norm() / s.norm()) if s.norm() > 0 else 0.0
-        w.copy_(w_r.to(w.dtype))
+        w_r = lowrank.project(mat, {"rank": rank})
+        norm = float(mat.norm())
+        errors[name] = float((mat - w_r).norm()) / norm if norm > 0 else 0.0
+        layout.write_(w, w_r)
     return errors
 
 
@@ -121,7 +237,9 @@ def fit_lowrank(
     forward = forward or (lambda m, xb: m(xb))
     mats = lowrank_matrices(model, ad.kinds)
     if (ad.nuclear or ad.hard) and not mats:
-        raise TensorSlimError("the adaptations need GRU/LSTM (or Linear) matrices; found none")
+        raise TensorSlimError(
+            "the adaptations need GRU/LSTM (or other `kinds`) matrices; found none"
+        )
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay)
     gen = torch.Generator().manual_seed(seed)

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.utils import benchmark as tbench
 
-from tensorslim.model.modes import eval_mode
-from tensorslim.model.profile import run_model
+from tensorslim.core.discover import run_model
+from tensorslim.core.modes import eval_mode
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def compare_calls(
     """Time several callables alternately for `rounds` rounds; best-of-rounds median for each."""
     for fn in fns:  # warm-up (allocator, lazy init, caches)
         fn()
-    per = [[] for _ in fns]
+    per: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
         for i, fn in enumerate(fns):
             per[i].append(time_call(fn, min_run_time))

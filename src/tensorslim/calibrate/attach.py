@@ -1,5 +1,5 @@
-"""compress()'s calibration step: run the calibration batches once and attach each compressible
-layer's statistics and the data-aware settings to its LayerSite (used by api.compress)."""
+"""The calibration step of compress and apply_plan: run the calibration batches once and attach each
+compressible layer's statistics and the data-aware settings to its LayerSite."""
 
 from __future__ import annotations
 
@@ -12,16 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorslim.calibrate import calibrate
+from tensorslim.calibrate.collect import calibrate
+from tensorslim.core.discover import LayerInfo
+from tensorslim.core.modes import kept_modes
+from tensorslim.core.objective import OBJECTIVE_NEEDS, OBJECTIVES
 from tensorslim.errors import TensorSlimError
-from tensorslim.model import LayerInfo
-from tensorslim.model.data_aware import (
-    DEFAULT_OBJECTIVE,
-    OBJECTIVE_NEEDS,
-    OBJECTIVES,
-    check_method_options,
-)
-from tensorslim.model.modes import kept_modes
 
 _ITERABLE = "an iterable of batches (e.g. a list or a DataLoader of model inputs)"
 
@@ -86,39 +81,46 @@ def attach(
     batches: Iterable[Any] | None,
     *,
     loss: Callable[[nn.Module, Any], torch.Tensor] | None,
-    objective: str | None,
-    method_options: dict[str, Any] | None,
+    objective: str,
+    options: dict[str, Any],
     progress: bool,
+    verb: str = "pass",
 ) -> dict[str, Any]:
-    """Validate the data-aware choices, calibrate, and set `site.stats` / `site.settings` of every
-    compressible layer. Returns facts for the plan's meta (empty when nothing data-aware happens)."""
-    objective = check_objective(objective)
-    options = check_method_options(method_options)
+    """Calibrate when the objective or a layer's compressor needs statistics, and set
+    `site.stats` / `site.settings` of every compressible layer. `objective` is resolved (not
+    None); `options` the compressor options recorded in the plan. Returns facts for the plan's
+    meta (empty when nothing data-aware happens)."""
     if loss is not None and not callable(loss):
         raise TensorSlimError(
             f"loss must be a function loss(model, batch) -> scalar tensor; got {type(loss).__name__}"
         )
     compressible = [info for info in layers if info.compressible]
-    obj = objective or DEFAULT_OBJECTIVE.get(method, "weight")
+    obj = objective
     needs: set[str] = set(OBJECTIVE_NEEDS[obj])
     for info in compressible:
-        needs |= set(getattr(info.factorizer, "needs", frozenset()))
+        needs |= set(getattr(info.compressor, "needs", frozenset()))
     if needs and batches is None:
         what = "Fisher estimate" if "fisher" in needs else "input statistics"
         raise TensorSlimError(
-            f"method {method!r} with objective {obj!r} needs a {what}: pass calibration=batches"
+            f"method {method!r} with objective {obj!r} needs a {what}: {verb} calibration=batches"
             + (" and loss=fn (loss(model, batch) -> scalar)" if "fisher" in needs else "")
         )
     if "fisher" in needs and loss is None:
         raise TensorSlimError(
             f"method {method!r} with objective {obj!r} needs the Fisher information of a loss: "
-            "pass loss=fn with fn(model, batch) -> scalar tensor"
+            f"{verb} loss=fn with fn(model, batch) -> scalar tensor"
         )
     if batches is None:
         return {}
     if not needs:  # nothing data-aware to compute: the calibration data is not needed
         return {"objective": obj}
     settings = {**options, "objective": obj}
+    if "gram" in needs:  # layers whose input rows cannot be collected stay dense, saying why
+        for info in compressible:
+            why = info.handler.calibration_reason(info.module) if info.handler else None
+            if why is not None:
+                info.reason = f"no calibration inputs for this layer: {why}"
+        compressible = [info for info in compressible if info.reason is None]
     with _model_kept(model):
         model.eval()  # statistics of the inputs as the model is used, like the shape trace
         stats = calibrate(

@@ -1,50 +1,57 @@
-"""Measured per-layer CPU latency of factorizations, for cost="latency" and for flagging (and, in
-"auto", avoiding) factorizations slower than their dense layer.
+"""Measured per-layer CPU latency of compressed layers, for cost="latency" and for flagging (and,
+in "auto", avoiding) compressions slower than their dense layer.
 
-A layer's latency is the median time of one forward pass of the factorized structure (weights are
-irrelevant to speed, so the structure is built with `factorizer.empty`) on a random input of the
-layer's real input shape (from the example input), under torch.inference_mode, with the process's
-torch threads; the best of ROUNDS round medians, since load from other processes only adds time.
-Results are cached by (layer geometry, dtype, input shape, method, rank, threads), so a layer shape
-seen again (ResNet blocks, repeated compress calls) is not re-timed.
+A layer's latency is the median time of one forward pass of the compressed structure (weights are
+irrelevant to speed, so the structure is built empty through core.materialize.build_layer and
+filled with random values) on a random input of the layer's real input shape (from the example
+input), under torch.inference_mode, with the process's torch threads; the best of ROUNDS round
+medians, since load from other processes only adds time. Results are cached by (layer geometry,
+dtype, input shape, spec, threads), so a layer shape seen again (ResNet blocks, repeated compress
+calls) is not re-timed.
 
 Timing is on the CPU, in the layer's dtype (float16, bfloat16, float32, float64): a layer on
 another device is timed on a CPU copy, and where the CPU has no kernel for the layer's dtype (some
 builds lack float16 / bfloat16 convolutions) it is timed in float32; `latency_dtype` says which
-one (the plan records it in the layer's extra, with `latency_dtype_note` for a fallback). The
+one (the plan records it in the layer's facts, with `latency_dtype_note` for a fallback). The
 input model's layers are never changed: timing runs on copies or in eval mode restored afterwards.
 
 Rank rounding rule (measured in benchmarks/conv_speed.py, table "Rank rounding"): with oneDNN on
 x86 CPUs, channel counts that are multiples of 8 fill the SIMD lanes; `round_rank` rounds a rank of
-at least 8 down to a multiple of 8 (never up, so the parameter budget still holds), and ranks below 8
-are left alone. cost="latency" measures these rounded ranks first.
+at least 8 down to a multiple of 8 (never up, so the parameter budget still holds), and ranks below
+8 are left alone. cost="latency" measures these rounded ranks first.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from tensorslim.core.compressor import Proposal, compressor_class
+from tensorslim.core.handler import Handler
+from tensorslim.core.materialize import build_layer
+from tensorslim.core.modes import eval_mode
+from tensorslim.core.spec import Component, Spec
+from tensorslim.core.target import LayerSite
 from tensorslim.errors import ExampleInputError, TensorSlimError, UnsupportedLayerError
-from tensorslim.layers.attention import RoutedMultiheadAttention
-from tensorslim.model.latency import time_call
-from tensorslim.model.modes import eval_mode
-from tensorslim.model.registry import Factorizer, LayerSite, Option
+from tensorslim.layers.routed_mha import RoutedMultiheadAttention
+from tensorslim.search.timing import time_call
 
 T = TypeVar("T")
 
 ROUND_TO = 8
-MAX_MEASURED = 12  # options timed per layer for cost="latency"
+MAX_MEASURED = 12  # proposals timed per layer for cost="latency"
 MIN_RUN_TIME = 0.01  # seconds of timed calls per round
 ROUNDS = 3  # the best (lowest) of this many round medians: load from other processes only adds time
 
 _CACHE: dict[tuple, float] = {}
 _DTYPE_OF: dict[tuple, torch.dtype] = {}  # cache key -> the dtype it was timed in
+# (layer type name, its dtype) -> the dtype it was timed in (float32 where the CPU lacked a kernel)
+_TIMED_IN: dict[tuple[str, torch.dtype], torch.dtype] = {}
 
 
 def round_rank(rank: int, multiple: int = ROUND_TO) -> int:
@@ -53,9 +60,13 @@ def round_rank(rank: int, multiple: int = ROUND_TO) -> int:
 
 
 def _is_rounded(rank: Any) -> bool:
-    ranks = rank if isinstance(rank, tuple) else (rank,)
-    ranks = [r for r in ranks if isinstance(r, int)]
-    return all(r < ROUND_TO or r % ROUND_TO == 0 for r in ranks)
+    """True if every integer in `rank` (an int, a list, or a mapping of them) is rounded."""
+    if isinstance(rank, Mapping):
+        ranks = list(rank.values())
+    else:
+        ranks = list(rank) if isinstance(rank, (list, tuple)) else [rank]
+    ints = [r for r in ranks if isinstance(r, int) and not isinstance(r, bool)]
+    return all(r < ROUND_TO or r % ROUND_TO == 0 for r in ints)
 
 
 def _signature(module: nn.Module) -> tuple:
@@ -64,6 +75,7 @@ def _signature(module: nn.Module) -> tuple:
     return (
         type(module).__name__,
         tuple(w.shape) if isinstance(w, torch.Tensor) else None,
+        tuple((n, tuple(p.shape)) for n, p in module.named_parameters()),
         getattr(module, "bias", None) is not None,
         tuple(str(getattr(module, k, None)) for k in keys),
         str(_dtype(module)),
@@ -82,17 +94,13 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-# (layer type name, its dtype) -> the dtype it was timed in (float32 where the CPU lacked a kernel)
-_TIMED_IN: dict[tuple[str, torch.dtype], torch.dtype] = {}
-
-
-def _hashable(rank: Any) -> Any:
-    """A cache key for a rank: ints, tuples, lists (MHA) and dicts (RNN, {matrix: rank})."""
-    if isinstance(rank, dict):
-        return tuple(sorted((str(k), _hashable(v)) for k, v in rank.items()))
-    if isinstance(rank, (list, tuple)):
-        return tuple(_hashable(r) for r in rank)
-    return rank
+def _hashable(value: Any) -> Any:
+    """A cache key for a parameter: ints, lists and mappings of them."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _hashable(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(r) for r in value)
+    return value
 
 
 def _on_cpu(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -105,7 +113,7 @@ def _on_cpu(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(layer).to(device="cpu", dtype=dtype)
 
 
-def _call(layer: nn.Module, x: torch.Tensor):
+def _call(layer: nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     """One forward of `layer` on `x`; attention runs as self-attention (query = key = value)."""
     if isinstance(layer, (nn.MultiheadAttention, RoutedMultiheadAttention)):
         return lambda: layer(x, x, x, need_weights=False)
@@ -145,16 +153,21 @@ def _dense_key(module: nn.Module, input_shape: tuple[int, ...]) -> tuple:
     return (_signature(module), tuple(input_shape), "dense", None, torch.get_num_threads())
 
 
-def _factorized_key(
-    factorizer: Factorizer, module: nn.Module, rank: Any, input_shape: tuple[int, ...]
-) -> tuple:
-    return (
-        _signature(module),
-        tuple(input_shape),
-        factorizer.method,
-        _hashable(rank),
-        torch.get_num_threads(),
-    )
+def _spec_key(module: nn.Module, spec: Spec, input_shape: tuple[int, ...]) -> tuple:
+    kinds = tuple(c.kind for c in spec)
+    params = tuple(_hashable(dict(c.params)) for c in spec)
+    return (_signature(module), tuple(input_shape), kinds, params, torch.get_num_threads())
+
+
+def _randomized(layer: nn.Module) -> nn.Module:
+    """`layer` with random weights: an empty structure's memory may hold NaN or denormals, which
+    some kernels run far slower on."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.is_floating_point() and p.device.type != "meta":
+                p.copy_(torch.randn(p.shape, generator=gen).mul_(0.02))
+    return layer
 
 
 def dense_latency(
@@ -167,18 +180,20 @@ def dense_latency(
     return _CACHE[key]
 
 
-def factorized_latency(
-    factorizer: Factorizer,
+def spec_latency(
     module: nn.Module,
-    rank: Any,
-    input_shape: tuple[int, ...],
+    handler: Handler,
+    spec: Spec,
+    site: LayerSite,
     min_run_time: float = MIN_RUN_TIME,
 ) -> float:
-    """Milliseconds per forward of `factorizer`'s structure at `rank` on `input_shape` (cached)."""
-    key = _factorized_key(factorizer, module, rank, input_shape)
+    """Milliseconds per forward of `module` compressed by `spec` (built empty) on the site's input
+    shape (cached)."""
+    shape = tuple(site.input_shape)
+    key = _spec_key(module, spec, shape)
     if key not in _CACHE:
-        layer = factorizer.empty(module, rank)
-        _CACHE[key], _DTYPE_OF[key] = _time(layer, input_shape, min_run_time)
+        layer, _ = build_layer(module, handler, spec, site, empty=True)
+        _CACHE[key], _DTYPE_OF[key] = _time(_randomized(layer), shape, min_run_time)
     return _CACHE[key]
 
 
@@ -190,7 +205,7 @@ def clear_cache() -> None:
 
 def latency_dtype_facts(module: nn.Module, *keys: tuple) -> dict[str, str]:
     """For the plan: `latency_dtype`, the dtype the layer was timed in (the dense layer and its
-    factorization, cache keys `keys`), and `latency_dtype_note` where that is float32 because the
+    compression, cache keys `keys`), and `latency_dtype_note` where that is float32 because the
     CPU had no kernel for the layer's own dtype."""
     own = _dtype(module)
     used = {_DTYPE_OF.get(k, own) for k in keys} or {own}
@@ -204,7 +219,16 @@ def latency_dtype_facts(module: nn.Module, *keys: tuple) -> dict[str, str]:
     return facts
 
 
-def _measured(site: LayerSite, module: nn.Module, what: str, fn):
+def describe(spec: Spec) -> str:
+    """`spec` in words for messages: "its 'svd' factorization at rank 8"."""
+    if len(spec) == 1 and set(spec[0].params) == {"rank"}:
+        cls = compressor_class(spec[0].kind)
+        method = cls.method if cls is not None else spec[0].kind
+        return f"its {method!r} factorization at rank {spec[0]['rank']}"
+    return "its compression " + ", ".join(str(c.to_dict()) for c in spec)
+
+
+def _measured(site: LayerSite, module: nn.Module, what: str, fn: Callable[[], T]) -> T:
     """Run a timing; a layer that cannot be timed on the CPU is refused with its name."""
     try:
         return fn()
@@ -219,19 +243,19 @@ def _measured(site: LayerSite, module: nn.Module, what: str, fn):
         ) from e
 
 
-def _thin(opts: list[Option], n: int) -> list[Option]:
-    """At most n options spread over the cost range, rounded ranks preferred, cheapest and dearest
-    kept."""
-    if len(opts) <= n:
-        return list(opts)
-    rounded = [o for o in opts if _is_rounded(o.rank)]
-    pool = rounded if len(rounded) >= n // 2 else opts
+def _thin(proposals: list[Proposal], n: int) -> list[Proposal]:
+    """At most n proposals spread over the cost range, rounded ranks preferred, cheapest and
+    dearest kept."""
+    if len(proposals) <= n:
+        return list(proposals)
+    rounded = [p for p in proposals if _is_rounded(p.component.get("rank"))]
+    pool = rounded if len(rounded) >= n // 2 else proposals
     idx = sorted({round(i * (len(pool) - 1) / (n - 1)) for i in range(n)})
     picked = [pool[i] for i in idx]
-    for end in (opts[0], opts[-1]):
+    for end in (proposals[0], proposals[-1]):
         if end not in picked:
             picked.append(end)
-    return sorted(picked, key=lambda o: o.params)
+    return sorted(picked, key=lambda p: p.cost.params)
 
 
 def pareto_front(
@@ -248,59 +272,55 @@ def pareto_front(
     return front
 
 
-def latency_options(
-    factorizer: Factorizer, module: nn.Module, site: LayerSite, opts: list[Option]
-) -> tuple[list[Option], list[float], float]:
-    """For cost="latency": (options, their measured latencies in ms, dense latency in ms).
-
-    At most MAX_MEASURED options are timed (spread over the cost range, rounded ranks first).
-    Options not faster than the dense layer are dropped, and so is every option that a faster one
-    beats on error (the allocators need costs rising and errors falling). For "auto" (options with
-    Option.method) each is timed with its own method's structure.
-    """
+def _need_input(site: LayerSite) -> tuple[int, ...]:
     if site.input_shape is None:
         raise ExampleInputError(
             f"layer {site.name!r} did not run on the example input, so its CPU latency cannot be "
             "measured; give an example input that runs it, or exclude it"
         )
-    from tensorslim.model.registry import find
+    return tuple(site.input_shape)
 
-    shape = site.input_shape
+
+def latency_proposals(
+    module: nn.Module, handler: Handler, site: LayerSite, proposals: list[Proposal]
+) -> tuple[list[Proposal], list[float], float]:
+    """For cost="latency": (proposals, their measured latencies in ms, dense latency in ms).
+
+    `proposals` by rising cost. At most MAX_MEASURED are timed (spread over the cost range, rounded
+    ranks first), each built empty from its own component (so "auto"'s pooled proposals are timed
+    with their own kind's structure). Proposals not faster than the dense layer are dropped, and so
+    is every proposal that a faster one beats on error (the allocators need costs rising and
+    errors falling)."""
+    shape = _need_input(site)
     dense = _measured(site, module, "the dense layer", lambda: dense_latency(module, shape))
     timed = []
-    for o in _thin(opts, MAX_MEASURED):
-        if o.method:
-            f, rank = find(module, o.method), o.rank[1]
-        else:
-            f, rank = factorizer, o.rank
+    for p in _thin(proposals, MAX_MEASURED):
+        spec = [p.component]
         ms = _measured(
-            site,
-            module,
-            f"its {f.method!r} factorization at rank {rank}",
-            lambda f=f, rank=rank: factorized_latency(f, module, rank, shape),
+            site, module, describe(spec), lambda spec=spec: spec_latency(module, handler, spec, site)
         )
         if ms < dense:
-            timed.append((ms, o))
+            timed.append((ms, p))
     front = pareto_front(timed, lambda t: t[0], lambda t: t[1].error, 1e-15)
-    return [o for _, o in front], [ms for ms, _ in front], dense
+    return [p for _, p in front], [ms for ms, _ in front], dense
 
 
-def flag_latency(
-    factorizer: Factorizer, module: nn.Module, rank: Any, site: LayerSite
+def latency_facts(
+    module: nn.Module, handler: Handler, spec: Spec | list[Component], site: LayerSite
 ) -> dict[str, Any]:
-    """Facts for the plan: the factorized and dense latencies, and whether it is slower."""
-    if site.input_shape is None:
+    """Facts for the plan: latency_ms, dense_latency_ms, input_shape, latency_dtype (and its
+    note) and, where the compressed layer is not faster, slower_than_dense: True. {} without the
+    site's input shape or for the dense spec []."""
+    if site.input_shape is None or not spec:
         return {}
-    shape = site.input_shape
+    shape = tuple(site.input_shape)
+    spec = [Component.from_dict(c) for c in spec]
     dense = _measured(site, module, "the dense layer", lambda: dense_latency(module, shape))
     ms = _measured(
-        site,
-        module,
-        f"its {factorizer.method!r} factorization at rank {rank}",
-        lambda: factorized_latency(factorizer, module, rank, shape),
+        site, module, describe(spec), lambda: spec_latency(module, handler, spec, site)
     )
-    keys = (_dense_key(module, shape), _factorized_key(factorizer, module, rank, shape))
-    facts = {
+    keys = (_dense_key(module, shape), _spec_key(module, spec, shape))
+    facts: dict[str, Any] = {
         "latency_ms": round(ms, 4),
         "dense_latency_ms": round(dense, 4),
         "input_shape": list(shape),

@@ -9,16 +9,22 @@ The paper tries r = 1, 2, 3, ... (only ranks with r(m+n) < mn). Here `search="bi
 metric is monotone in the rank of one matrix (truncating less never hurts) and bisects on
 [1, r_max], sharing one cache of evaluations between all targets; `search="scan"` is the paper's
 increasing scan (stopping once every target is met), kept for comparison and for metrics that are
-far from monotone. Works on every matrix the "svd" factorizers handle: Linear, Conv (kernel
-reshaped to out x in*k*k) and each gate matrix of GRU/LSTM.
+far from monotone.
+
+The matrices are those of every layer the low-rank compressor (kind "lowrank", method "svd")
+compresses, as its handler exposes them: Linear, Conv (kernel reshaped to out x in*k*k), GPT-2's
+Conv1D, attention's "in_proj" / "out_proj" and each gate matrix of GRU/LSTM. A matrix at rank r is
+evaluated by building its layer with only that matrix compressed, through the one path from a spec
+to a module (core.materialize.build_layer), and swapping it into a working copy of the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,24 +32,27 @@ import torch
 from torch import nn
 
 from tensorslim._progress import track
-from tensorslim.decompose import max_useful_rank, svd
+from tensorslim.core.discover import LayerInfo, find_layers
+from tensorslim.core.handler import handler_for
+from tensorslim.core.materialize import LayerJob, build_layer, materialize
+from tensorslim.core.modes import eval_mode
+from tensorslim.core.spec import Component, Spec
+from tensorslim.core.surgery import replace_at
+from tensorslim.decompose import max_useful_rank
 from tensorslim.errors import TensorSlimError
-from tensorslim.layers.lowrank_rnn import rnn_matrices
-from tensorslim.model import (
-    RNNSVD,
-    MatrixSVDFactorizer,
-    count_params,
-    find_layers,
-    get_submodule,
-)
-from tensorslim.model.modes import eval_mode
+from tensorslim.plan.account import layer_plan, make_plan
 from tensorslim.plan.apply import apply_plan
-from tensorslim.plan.plan import LayerPlan, Plan
+from tensorslim.plan.plan import Plan
+from tensorslim.search.methods import method_compressor, resolver
+
+KIND = "lowrank"  # the compressor Rank-Tuning truncates with (method "svd")
 
 
 @dataclass(frozen=True)
 class TunedMatrix:
-    """One matrix: the layer holding it, the parameter name, its (m, n) view and largest useful rank."""
+    """One matrix: the layer holding it, its name in the layer ("weight" for a layer with one
+    matrix, else the handler's part name: an RNN's parameter name, attention's "in_proj" /
+    "out_proj"), its (m, n) view and largest useful rank."""
 
     layer: str
     param: str
@@ -53,6 +62,11 @@ class TunedMatrix:
     @property
     def key(self) -> str:
         return f"{self.layer}.{self.param}" if self.param != "weight" else self.layer
+
+    @property
+    def part(self) -> str:
+        """The matrix's part name for its layer's handler ("" for a layer with one matrix)."""
+        return "" if self.param == "weight" else self.param
 
 
 @dataclass
@@ -81,23 +95,71 @@ def _threshold(reference: float, target: float, higher_is_better: bool) -> float
     return reference - target * scale if higher_is_better else reference + target * scale
 
 
-def _matrices(model: nn.Module, include, exclude) -> list[tuple[TunedMatrix, Any]]:
+# -- the matrices and their layers ----------------------------------------------------------------
+def _tunable_layers(model: nn.Module, include, exclude) -> tuple[list[LayerInfo], list[LayerInfo]]:
+    """(every layer found, the compressible ones) with the low-rank compressor."""
+    layers = find_layers(model, resolver(method_compressor("svd")), include, exclude)
+    return layers, [info for info in layers if info.compressible]
+
+
+def _matrices(layers: Iterable[LayerInfo]) -> list[TunedMatrix]:
+    """Every matrix of the layers with a useful rank (r(m + n) < mn), in layer and part order."""
     out = []
-    for info in find_layers(model, "svd", include, exclude):
-        if not info.compressible:
-            continue
-        f = info.factorizer
-        if isinstance(f, MatrixSVDFactorizer):
-            m, n = f.matrix(info.module).shape
-            out.append((TunedMatrix(info.name, "weight", (m, n), max_useful_rank(m, n)), f))
-        elif isinstance(f, RNNSVD):
-            for p in rnn_matrices(info.module):
-                m, n = getattr(info.module, p).shape
-                if max_useful_rank(m, n) > 0:
-                    out.append((TunedMatrix(info.name, p, (m, n), max_useful_rank(m, n)), f))
-    return [(t, f) for t, f in out if t.r_max > 0]
+    for info in layers:
+        for part, w in info.handler.matrices(info.module).items():
+            m, n = int(w.shape[0]), int(w.shape[1])
+            r_max = max_useful_rank(m, n)
+            if r_max > 0:
+                out.append(TunedMatrix(info.name, part or "weight", (m, n), r_max))
+    return out
 
 
+def _spec(info: LayerInfo, ranks: Mapping[str, int | None]) -> Spec:
+    """The layer's low-rank spec with each part at `ranks[part]` (absent or None: dense); [] if no
+    matrix is compressed. One matrix: {"rank": r}; several: the handler's packed form."""
+    parts = list(info.handler.matrices(info.module))
+    values = {p: ranks.get(p) for p in parts}
+    if all(v is None for v in values.values()):
+        return []
+    return [Component(KIND, {"rank": info.handler.pack(info.module, values)})]
+
+
+def _built(info: LayerInfo, ranks: Mapping[str, int | None]) -> nn.Module:
+    """The layer with its matrices at `ranks`, built by core.materialize.build_layer, in the dense
+    layer's train/eval mode."""
+    new, _ = build_layer(info.module, info.handler, _spec(info, ranks), info.site)
+    return new.train(info.module.training)
+
+
+def _per_layer(mats: Iterable[TunedMatrix], ranks: Mapping[str, int | None]) -> dict[str, dict]:
+    """layer name -> {part: rank} of the matrices with a rank."""
+    out: dict[str, dict[str, int]] = {}
+    for tm in mats:
+        r = ranks.get(tm.key)
+        if r is not None:
+            out.setdefault(tm.layer, {})[tm.part] = r
+    return out
+
+
+class _Work:
+    """The working copy of the model, into which compressed layers are swapped for one metric call
+    (a model that is itself the layer is replaced whole: use `model` after each swap)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @contextlib.contextmanager
+    def swapped(self, replacements: list[tuple[LayerInfo, nn.Module]]) -> Iterator[nn.Module]:
+        for info, new in replacements:
+            self.model = replace_at(self.model, info.names, new)
+        try:
+            yield self.model
+        finally:
+            for info, _ in replacements:
+                self.model = replace_at(self.model, info.names, info.module)
+
+
+# -- arguments and metric values ------------------------------------------------------------------
 def _real(value: Any) -> float | None:
     """`value` as a float if it is a real number (Python, numpy or a one-element torch tensor),
     None for anything else: bools, strings, None, complex, several elements."""
@@ -163,6 +225,7 @@ def _metric_value(raw: Any, step: str, higher_is_better: bool, baseline: bool) -
     )
 
 
+# -- the search -----------------------------------------------------------------------------------
 def rank_tuning(
     model: nn.Module,
     metric: Callable[[nn.Module], float],
@@ -195,15 +258,15 @@ def rank_tuning(
     """
     _check_arguments(metric, higher_is_better, search)
     targets = _check_targets(targets)
-    work = copy.deepcopy(model)
-    with eval_mode(work):
+    work = _Work(copy.deepcopy(model))
+    with eval_mode(work.model):
         evaluations = 0
 
         def run_metric(step: str, baseline: bool = False) -> float:
             nonlocal evaluations
             evaluations += 1
             with torch.no_grad():
-                raw = metric(work)
+                raw = metric(work.model)
             return _metric_value(raw, step, higher_is_better, baseline)
 
         reference = run_metric("the baseline (the uncompressed model)", baseline=True)
@@ -212,45 +275,31 @@ def rank_tuning(
         def meets(value: float, t: float) -> bool:
             return value >= thresholds[t] if higher_is_better else value <= thresholds[t]
 
-        mats = _matrices(work, include, exclude)
-        factors: dict[str, tuple] = {}
+        layers, tunable = _tunable_layers(work.model, include, exclude)
+        by_name = {info.name: info for info in tunable}
+        mats = _matrices(tunable)
         ranks: dict[float, dict[str, int | None]] = {t: {} for t in targets}
-        for tm, _ in track(mats, "Rank-Tuning", progress, total=len(mats)):
-            param = getattr(get_submodule(work, tm.layer), tm.param)
-            original = param.detach().clone()
-            u, s, vh = svd(original.reshape(tm.shape[0], -1))
-            factors[tm.key] = (param, original, u, s, vh)
-            cache: dict[int, float] = {}
-
-            def value_at(
-                r: int, param=param, original=original, u=u, s=s, vh=vh, cache=cache, key=tm.key
-            ) -> float:
-                if r not in cache:
-                    with torch.no_grad():
-                        param.copy_(((u[:, :r] * s[:r]) @ vh[:r]).reshape(original.shape))
-                    try:
-                        cache[r] = run_metric(f"matrix {key!r} truncated to rank {r}")
-                    finally:
-                        with torch.no_grad():
-                            param.copy_(original)
-                return cache[r]
-
+        for tm in track(mats, "Rank-Tuning", progress, total=len(mats)):
+            value_at = _matrix_curve(work, by_name[tm.layer], tm, run_metric)
             for t in targets:
                 ranks[t][tm.key] = _search(value_at, lambda v, t=t: meets(v, t), tm.r_max, search)
+
+        def run_with(rk: Mapping[str, int | None], t: float, scale: float) -> float:
+            swaps = [(by_name[n], _built(by_name[n], r)) for n, r in _per_layer(mats, rk).items()]
+            with work.swapped(swaps):
+                return run_metric(f"the joint check of target {t:g} at scale {scale:g}")
+
         scales: dict[float, float] = {}
         if joint:
             for t in targets:
                 ranks[t], scales[t] = _joint_repair(
-                    factors,
                     mats,
                     ranks[t],
                     lambda v, t=t: meets(v, t),
-                    lambda scale, t=t: run_metric(
-                        f"the joint check of target {t:g} at scale {scale:g}"
-                    ),
+                    lambda rk, scale, t=t: run_with(rk, t, scale),
                 )
 
-    plans = {t: _plan(model, mats, ranks[t], t) for t in targets}
+    plans = {t: _plan(model, layers, mats, ranks[t], t) for t in targets}
     result = RankTuningResult(
         reference, targets, higher_is_better, ranks, plans, {}, evaluations, search, scales
     )
@@ -263,6 +312,22 @@ def rank_tuning(
             result.metrics[t] = _metric_value(raw, step, higher_is_better, baseline=False)
             result.evaluations += 1
     return result
+
+
+def _matrix_curve(
+    work: _Work, info: LayerInfo, tm: TunedMatrix, run_metric: Callable[[str], float]
+) -> Callable[[int], float]:
+    """value_at(r): the metric with only `tm` at rank r (its layer built by build_layer and
+    swapped into the working copy, then the dense layer restored), cached per rank."""
+    cache: dict[int, float] = {}
+
+    def value_at(r: int) -> float:
+        if r not in cache:
+            with work.swapped([(info, _built(info, {tm.part: r}))]):
+                cache[r] = run_metric(f"matrix {tm.key!r} truncated to rank {r}")
+        return cache[r]
+
+    return value_at
 
 
 def _search(value_at, ok, r_max: int, search: str) -> int | None:
@@ -284,9 +349,15 @@ def _search(value_at, ok, r_max: int, search: str) -> int | None:
     return hi
 
 
-def _joint_repair(factors, mats, chosen, ok, run_metric) -> tuple[dict[str, int | None], float]:
-    """Scale the chosen ranks up until the model with all of them applied meets the target."""
-    r_max = {tm.key: tm.r_max for tm, _ in mats}
+def _joint_repair(
+    mats: list[TunedMatrix],
+    chosen: dict[str, int | None],
+    ok: Callable[[float], bool],
+    run_with: Callable[[dict[str, int | None], float], float],
+) -> tuple[dict[str, int | None], float]:
+    """Scale the chosen ranks up until the model with all of them applied meets the target.
+    run_with(ranks, scale) is the metric of the working copy with every matrix at its rank."""
+    r_max = {tm.key: tm.r_max for tm in mats}
     tuned = {k: r for k, r in chosen.items() if r is not None}
     if not tuned:
         return chosen, 1.0
@@ -302,18 +373,7 @@ def _joint_repair(factors, mats, chosen, ok, run_metric) -> tuple[dict[str, int 
         rk = ranks_at(scale)
         key = tuple(sorted(rk.items(), key=lambda kv: kv[0]))
         if key not in cache:
-            with torch.no_grad():
-                for k in tuned:
-                    param, original, u, s, vh = factors[k]
-                    param.copy_(
-                        ((u[:, : rk[k]] * s[: rk[k]]) @ vh[: rk[k]]).reshape(original.shape)
-                    )
-                try:
-                    cache[key] = ok(run_metric(scale))
-                finally:
-                    for k in tuned:
-                        param, original = factors[k][:2]
-                        param.copy_(original)
+            cache[key] = ok(run_with(rk, scale))
         return cache[key]
 
     if passes(1.0):
@@ -331,46 +391,31 @@ def _joint_repair(factors, mats, chosen, ok, run_metric) -> tuple[dict[str, int 
     return ranks_at(hi), hi
 
 
-def _plan(model: nn.Module, mats, chosen: dict[str, int | None], target: float) -> Plan:
-    layers: dict[str, LayerPlan] = {}
-    for tm, f in mats:
-        module = get_submodule(model, tm.layer)
-        lp = layers.get(tm.layer)
-        if lp is None:
-            before = f.dense_params(module)
-            w = module.weight if hasattr(module, "weight") else getattr(module, tm.param)
-            lp = layers[tm.layer] = LayerPlan(
-                name=tm.layer,
-                type=type(module).__name__,
-                shape=list(w.shape),
-                params_before=before,
-                params_after=before,
-                compressible=True,
-                reason=f"no rank met target {target}",
-            )
-            if isinstance(f, RNNSVD):
-                lp.rank = {p: None for p in rnn_matrices(module)}
-        r = chosen[tm.key]
-        if isinstance(f, RNNSVD):
-            lp.rank[tm.param] = r
-        elif r is not None:
-            lp.rank = r
-        if r is not None:
-            lp.method, lp.reason = "svd", None
-            m, n = tm.shape
-            lp.params_after -= m * n - r * (m + n)
-    base = list(layers.values())
-    before = sum(lp.params_before for lp in base)
-    after = sum(lp.params_after for lp in base)
-    total = count_params(model)
-    return Plan(
-        layers=base,
-        keep=after / before if before else 1.0,
-        cost="params",
-        method="svd",
-        allocator="rank_tuning",
-        achieved_keep=after / before if before else 1.0,
-        model_params_before=total,
-        model_params_after=total - (before - after),
-        meta={"rank_tuning_target": target},
-    )
+# -- the plans ------------------------------------------------------------------------------------
+def _plan(
+    model: nn.Module,
+    layers: list[LayerInfo],
+    mats: list[TunedMatrix],
+    chosen: Mapping[str, int | None],
+    target: float,
+) -> Plan:
+    """The Plan of one target: every compressible layer with its matrices at their chosen ranks
+    (a matrix without one stays dense), materialized and accounted like compress's plans."""
+    per_layer = _per_layer(mats, chosen)
+    jobs = {
+        info.name: LayerJob(info.names, _spec(info, per_layer.get(info.name, {})), info.site)
+        for info in layers
+        if info.compressible
+    }
+    compressed = materialize(model, jobs.values(), handler_of=handler_for)
+    dense_reason = f"no rank met target {target}"
+    plans = [
+        layer_plan(info, jobs.get(info.name), compressed, dense_reason=dense_reason)
+        for info in layers
+    ]
+    plan = make_plan(
+        model, compressed, plans, keep=1.0, cost="params", method="svd",
+        allocator="rank_tuning", flops_known=False, meta={"rank_tuning_target": target},
+    )  # fmt: skip
+    plan.keep = plan.achieved_keep  # no keep was requested: the plan's is what the ranks give
+    return plan

@@ -45,7 +45,7 @@ def render_plan(plan: Any, width: int = 160) -> str:
             lp.type,
             "×".join(map(str, lp.shape)),
             lp.method,
-            "-" if lp.rank is None else str(lp.rank),
+            _params_cell(lp),
             params,
             flops,
             "-" if lp.rel_error is None else f"{lp.rel_error:.3f}",
@@ -68,7 +68,26 @@ def render_plan(plan: Any, width: int = 160) -> str:
             f"; FLOPs of Linear/Conv layers {human(plan.model_flops_before)} → "
             f"{human(plan.model_flops_after)} ({ratio:.2f}×)"
         )
+    if plan.model_bits_before is not None and plan.model_bits_after is not None:
+        ratio = plan.model_bits_before / max(1, plan.model_bits_after)
+        tail += (
+            f"; storage {human(plan.model_bits_before / 8)}B → "
+            f"{human(plan.model_bits_after / 8)}B ({ratio:.2f}×)"
+        )
     return head + "\n" + console.export_text() + tail
+
+
+def _params_cell(lp: Any) -> str:
+    """The rank of a one-component spec; the components' parameters when there are several."""
+    spec = lp.spec
+    if not spec:
+        return "-"
+    if len(spec) == 1:
+        return "-" if lp.rank is None else str(lp.rank)
+    return " + ".join(
+        ",".join(f"{k}={v}" for k, v in c.items() if k != "kind") or c.get("kind", "?")
+        for c in spec
+    )
 
 
 def _layer_cell(name: str, aliases: list[str] | None) -> str:

@@ -4,8 +4,9 @@ nn.MultiheadAttention's forward reads `in_proj_weight` and `out_proj.weight` dir
 (F.multi_head_attention_forward), so replacing its projections with factorized layers would be
 silently ignored. This module computes the same function (scaled dot-product attention, Vaswani et
 al. 2017, with the same masks, dropout and batch layout) but routes the packed input projection
-through `in_proj` (a Linear E -> 3E, or a LowRankLinear sharing one E -> r map for q, k and v) and
-the output projection through `out_proj`, so either can be factorized.
+through `in_proj` and the output projection through `out_proj`, so either can be compressed. Each
+projection is Linear-like with its bias: an nn.Linear (dense), a LowRankLinear (the packed in_proj
+then shares one E -> r map for q, k and v) or an OpLinear around any operator module.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tensorslim.layers.lowrank_linear import LowRankLinear
+from tensorslim.layers.additive import Compressed
+from tensorslim.layers.lowrank_linear import LowRankLinear, linear_from_op
 
 
-class RoutedMultiheadAttention(nn.Module):
+class RoutedMultiheadAttention(nn.Module, Compressed):
     """Drop-in replacement for nn.MultiheadAttention (embed_dim = kdim = vdim, no bias_k/bias_v,
     no add_zero_attn) with `in_proj` and `out_proj` sub-modules. Same call signature and outputs."""
 
@@ -61,46 +63,56 @@ class RoutedMultiheadAttention(nn.Module):
         in_proj: nn.Module | None = None,
         out_proj: nn.Module | None = None,
     ) -> RoutedMultiheadAttention:
-        """Same function as `mha`; projections given, or dense copies of mha's."""
+        """Same function as `mha`; projections given (Linear-like, with their bias), or dense
+        copies of mha's."""
         why = cls.supported(mha)
         if why is not None:
             raise ValueError(f"cannot route this nn.MultiheadAttention: {why}")
         e = mha.embed_dim
-        w = mha.in_proj_weight
         if in_proj is None:
-            in_proj = nn.Linear(
-                e, 3 * e, bias=mha.in_proj_bias is not None, device=w.device, dtype=w.dtype
-            )
-            with torch.no_grad():
-                in_proj.weight.copy_(mha.in_proj_weight)
-                if mha.in_proj_bias is not None:
-                    in_proj.bias.copy_(mha.in_proj_bias)
+            in_proj = _dense_linear(mha.in_proj_weight, mha.in_proj_bias)
         if out_proj is None:
-            o = mha.out_proj
-            out_proj = nn.Linear(e, e, bias=o.bias is not None, device=w.device, dtype=w.dtype)
-            with torch.no_grad():
-                out_proj.weight.copy_(o.weight)
-                if o.bias is not None:
-                    out_proj.bias.copy_(o.bias)
+            out_proj = _dense_linear(mha.out_proj.weight, mha.out_proj.bias)
         return cls(e, mha.num_heads, in_proj, out_proj, mha.dropout, mha.batch_first)
+
+    @classmethod
+    def from_ops(
+        cls,
+        mha: nn.MultiheadAttention,
+        in_proj: nn.Module | None,
+        out_proj: nn.Module | None,
+    ) -> RoutedMultiheadAttention:
+        """Same function as `mha` with each projection's (m x n) matrix replaced by an operator
+        module (forward (..., n) -> (..., m) without bias, `dense_weight()`); mha's biases are
+        kept. A bias-free LowRankLinear operator gives a LowRankLinear projection (the structure
+        and state-dict keys of `from_dense` with factored projections); None keeps a projection
+        dense."""
+        e = mha.embed_dim
+        if in_proj is not None:
+            in_proj = linear_from_op(in_proj, mha.in_proj_bias, e, 3 * e)
+        if out_proj is not None:
+            out_proj = linear_from_op(out_proj, mha.out_proj.bias, e, e)
+        return cls.from_dense(mha, in_proj, out_proj)
+
+    def dense_matrices(self) -> dict[str, torch.Tensor]:
+        """The matrices the projections compute with: in_proj (3E x E) and out_proj (E x E)."""
+        return {"in_proj": _matrix(self.in_proj), "out_proj": _matrix(self.out_proj)}
 
     # -- projections ----------------------------------------------------------------------------
     def _project(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """q, k, v from query, key, value (each (L, N, E)); inputs that are the same tensor share
-        the low-rank first factor."""
+        """q, k, v from query, key, value (each (L, N, E)). Inputs that are the same tensor share
+        the low-rank first factor (LowRankLinear) or the whole projection (any other operator)."""
         e = self.embed_dim
         p = self.in_proj
         if isinstance(p, LowRankLinear):
             weight, bias = p.second.weight, p.second.bias
-            cache: dict[int, torch.Tensor] = {}
-            hidden = []
-            for x in xs:
-                if id(x) not in cache:
-                    cache[id(x)] = p.first(x)
-                hidden.append(cache[id(x)])
-        else:
+            hidden = _shared(p.first, xs)
+        elif isinstance(p, nn.Linear):
             weight, bias = p.weight, p.bias
             hidden = xs
+        else:
+            full = _shared(p, xs)
+            return [h[..., i * e : (i + 1) * e] for i, h in enumerate(full)]
         out = []
         for i, h in enumerate(hidden):
             sl = slice(i * e, (i + 1) * e)
@@ -194,7 +206,7 @@ class RoutedMultiheadAttention(nn.Module):
             if weights is not None:
                 weights = weights.squeeze(0)
         elif self.batch_first:
-            out = out.transpose(0, 1)
+            out = out.transpose(0, 1).contiguous()  # as nn.MultiheadAttention returns
         return out, weights
 
     def extra_repr(self) -> str:
@@ -211,3 +223,30 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             mask, float("-inf")
         )
     return mask.to(dtype)
+
+
+def _shared(fn: nn.Module, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """fn(x) for each x, computed once per distinct tensor."""
+    cache: dict[int, torch.Tensor] = {}
+    for x in xs:
+        if id(x) not in cache:
+            cache[id(x)] = fn(x)
+    return [cache[id(x)] for x in xs]
+
+
+def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding copies of `weight` (out x in) and `bias`."""
+    out_f, in_f = weight.shape
+    kw = {"device": weight.device, "dtype": weight.dtype}
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, **kw)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
+def _matrix(proj: nn.Module) -> torch.Tensor:
+    """The (out x in) matrix a Linear-like projection computes with."""
+    fn = getattr(proj, "dense_weight", None)
+    return fn() if callable(fn) else proj.weight

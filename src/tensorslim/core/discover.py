@@ -1,43 +1,27 @@
-"""Find the layers a method can factorize, and measure each layer's shapes and cost on one input."""
+"""Find the layers of a model (each with its handler, and the compressor that will compress it or
+the reason it stays dense), and measure each layer's shapes on one input."""
 
 from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-import tensorslim.model.registry as registry
+from tensorslim.core.compressor import Compressor
+from tensorslim.core.cost import layer_dense_cost
+from tensorslim.core.handler import Handler, handler_for
+from tensorslim.core.target import LayerSite
 from tensorslim.errors import ExampleInputError, NonFiniteWeightError, TensorSlimError, short_repr
-from tensorslim.layers import FactorizedConv, LowRankConv, LowRankLinear, LowRankRNN
-from tensorslim.model.registry import (
-    Factorizer,
-    LayerSite,
-    is_registered_type,
-    resolve,
-)
+from tensorslim.layers.additive import Compressed
 
-# Layers produced by tensorslim: never searched again for compressible children.
-FACTORIZED_TYPES: tuple[type[nn.Module], ...] = (
-    LowRankLinear,
-    LowRankConv,
-    FactorizedConv,
-    LowRankRNN,
-)
-
-# Modules whose children's weights are read directly by the parent's forward, so replacing a child
-# would be silently ignored (nn.MultiheadAttention calls F.multi_head_attention_forward on
-# out_proj.weight). They are reported and left whole.
-OPAQUE_TYPES: dict[type[nn.Module], str] = {
-    nn.MultiheadAttention: (
-        "nn.MultiheadAttention reads its projection weights directly in its forward; "
-        "not supported by this method"
-    ),
-}
+# How a compress method is resolved on one layer: (compressor or None, note, reason it stays dense).
+# `resolve` is given by the caller (api: a compressor kind, or "auto").
+Resolver = Callable[[Handler, nn.Module], tuple[Compressor | None, str | None, str | None]]
 
 
 @dataclass
@@ -49,10 +33,11 @@ class LayerInfo:
 
     name: str
     module: nn.Module
-    factorizer: Factorizer | None
+    handler: Handler | None
+    compressor: Compressor | None
     reason: str | None  # None: compressible with the requested method
     site: LayerSite
-    # Set when another method handles this layer (a tensor method on a Linear: the matrix SVD).
+    # Set when another compressor does the method's work (a tensor method on a Linear: the SVD).
     note: str | None = None
     aliases: list[str] = field(default_factory=list)
     # False when include / exclude left the layer out.
@@ -78,13 +63,18 @@ class LayerInfo:
         return self.reason is None
 
     def params(self) -> int:
-        if self.factorizer is not None:
-            return self.factorizer.dense_params(self.module)
+        if self.handler is not None:
+            return layer_dense_cost(self.module, self.handler, self.site).params
         return sum(p.numel() for p in self.module.parameters())
 
     def flops(self) -> int | None:
-        if self.factorizer is not None:
-            return self.factorizer.dense_flops(self.module, self.site)
+        if self.handler is not None:
+            return layer_dense_cost(self.module, self.handler, self.site).flops
+        return None
+
+    def bits(self) -> int | None:
+        if self.handler is not None:
+            return layer_dense_cost(self.module, self.handler, self.site).bits
         return None
 
 
@@ -164,22 +154,19 @@ def layer_modules(model: nn.Module) -> dict[int, tuple[nn.Module, list[str]]]:
 
 
 def _stops_search(module: nn.Module) -> bool:
-    """Factorized, opaque and registered layers are reported whole, never searched inside."""
-    return (
-        isinstance(module, FACTORIZED_TYPES)
-        or any(isinstance(module, t) for t in OPAQUE_TYPES)
-        or is_registered_type(module)
-    )
+    """Compressed layers and layers with a handler are reported whole, never searched inside
+    (nn.MultiheadAttention reads its children's weights directly)."""
+    return isinstance(module, Compressed) or handler_for(module) is not None
 
 
 def find_layers(
     model: nn.Module,
-    method: str = "svd",
+    resolve: Resolver,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
 ) -> list[LayerInfo]:
-    """Every layer with a weight matrix, in module order, each with its factorizer or the reason
-    it stays dense. `include` / `exclude` are fnmatch patterns on dotted names ("features.*");
+    """Every layer with a weight matrix, in module order, each with its handler and compressor
+    (from `resolve`) or the reason it stays dense. `include` / `exclude` are fnmatch patterns on dotted names ("features.*");
     the model itself is named "" when it is a layer.
 
     A module used at several places is listed once with its other names as `aliases`. A layer
@@ -191,7 +178,7 @@ def find_layers(
     index = ModelIndex(model)
     found = []
     for module, names in layer_modules(model).values():
-        info = _classify(module, names, method, include, exclude)
+        info = _classify(module, names, resolve, include, exclude)
         if info.compressible:
             info.reason = sharing_reason(module, names, index)
             if info.reason is None:
@@ -211,31 +198,30 @@ def sharing_reason(module: nn.Module, names: list[str], index: ModelIndex) -> st
 def _classify(
     module: nn.Module,
     names: list[str],
-    method: str,
+    resolve: Resolver,
     include: Sequence[str] | None,
     exclude: Sequence[str] | None,
 ) -> LayerInfo:
     name, aliases = names[0], names[1:]
+    handler = handler_for(module)
 
-    def info(factorizer, reason, note=None, selected=True) -> LayerInfo:
-        return LayerInfo(name, module, factorizer, reason, LayerSite(name), note, aliases, selected)
+    def info(compressor, reason, note=None, selected=True) -> LayerInfo:
+        site = LayerSite(name)
+        return LayerInfo(name, module, handler, compressor, reason, site, note, aliases, selected)
 
-    if isinstance(module, FACTORIZED_TYPES):
-        return info(None, "already factorized")
-    opaque = next((r for t, r in OPAQUE_TYPES.items() if isinstance(module, t)), None)
-    if opaque is not None and registry.find(module, method) is None:
-        return info(None, opaque)
-    if not is_registered_type(module):
-        return info(None, f"no factorizer registered for {type(module).__name__}")
-    factorizer, note = resolve(module, method)
-    if factorizer is None:
-        return info(None, f"method {method!r} does not support {type(module).__name__}")
+    if isinstance(module, Compressed):
+        return info(None, "already compressed")
+    if handler is None:
+        return info(None, f"no handler registered for {type(module).__name__}")
+    compressor, note, why = resolve(handler, module)
+    if compressor is None:
+        return info(None, why or f"no compressor for {type(module).__name__}")
     if include and not any(_matches(n, include) for n in names):
-        return info(factorizer, "not matched by --include", selected=False)
+        return info(compressor, "not matched by --include", selected=False)
     hit = next((h for n in names if (h := _matches(n, exclude)) is not None), None)
     if hit is not None:
-        return info(factorizer, f"excluded by pattern {hit!r}", selected=False)
-    return info(factorizer, factorizer.unsupported_reason(module), note)
+        return info(compressor, f"excluded by pattern {hit!r}", selected=False)
+    return info(compressor, handler.unsupported_reason(module) or why, note)
 
 
 def _check_finite(info: LayerInfo) -> None:

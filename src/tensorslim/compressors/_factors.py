@@ -1,0 +1,320 @@
+"""Shared helpers of the low-rank compressors (lowrank, fwsvd, fvd, whitened).
+
+- option validation (`OptionSpec`, `check_options`): typed, range-checked compressor options;
+- objectives: which one applies (`objective_of`) and the calibration statistics it reads;
+- statistics (`require_stats`): present and finite, else a TensorSlimError naming the layer;
+- nested factors (`cached_nested`) and the error of every truncation under an objective
+  (`objective_errors`);
+- plan facts of the data-aware kinds (`risk_facts`, `output_facts`);
+- the refusal of factors that overflow the layer's dtype (`refuse_overflow`).
+
+Every factor here is float64 until decompose.svd.cast_factors casts it once to the weight's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tensorslim.core.objective import OBJECTIVES
+from tensorslim.core.target import MatrixTarget
+from tensorslim.decompose import (
+    fwsvd_factors,
+    output_error,
+    row_importance,
+    truncation_curves,
+    weighted_error,
+    whitened_factors,
+)
+from tensorslim.errors import TensorSlimError, UnsupportedLayerError
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+
+# -- options --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OptionSpec:
+    """What one compressor option accepts: a number of `kind` (float or int) above `minimum`
+    (`strict`: the minimum itself refused), or a str among `choices`; `optional`: None is a
+    value of its own (no limit) rather than "the default"."""
+
+    kind: type
+    minimum: float | None = None
+    strict: bool = False
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+
+    def accepted(self) -> str:
+        """What the option accepts, in words."""
+        if self.kind is str:
+            return "one of " + ", ".join(map(repr, self.choices))
+        what = "an integer" if self.kind is int else "a finite number"
+        if self.minimum is not None:
+            what = f"{what} {'>' if self.strict else '>='} {self.minimum:g}"
+        return f"{what} or None" if self.optional else what
+
+    def check(self, name: str, value: Any, default: Any) -> Any:
+        """`value` as a plain float / int / str; ValueError naming the option and the value."""
+        if value is None:
+            return default
+        out = self._convert(value)
+        if out is None or not self._in_range(out):
+            raise ValueError(
+                f"option {name!r} must be {self.accepted()} (or None for the default "
+                f"{default!r}); got {value!r} ({type(value).__name__})"
+            )
+        return out
+
+    def _convert(self, value: Any) -> Any:
+        if isinstance(value, bool):  # a bool is an int to Python, never a sensible option value
+            return None
+        if self.kind is str:
+            return value if isinstance(value, str) else None
+        if self.kind is int:
+            return int(value) if isinstance(value, numbers.Integral) else None
+        return float(value) if isinstance(value, numbers.Real) else None
+
+    def _in_range(self, value: Any) -> bool:
+        if self.kind is str:
+            return value in self.choices
+        if not math.isfinite(value):
+            return False
+        if self.minimum is None:
+            return True
+        return value > self.minimum if self.strict else value >= self.minimum
+
+
+def check_options(options: Any, specs: dict[str, OptionSpec]) -> None:
+    """Validate and normalise the fields of a frozen Options dataclass in place (call from
+    __post_init__): None becomes the field's default, numbers become plain float / int."""
+    for f in dataclasses.fields(options):
+        spec = specs.get(f.name)
+        if spec is not None:
+            value = spec.check(f.name, getattr(options, f.name), f.default)
+            object.__setattr__(options, f.name, value)
+
+
+# FWSVD's eps (fwsvd, fvd): added to the max-normalised row importance; > 0 keeps every row
+# weight positive (D invertible).
+EPS = OptionSpec(float, 0.0, strict=True)
+
+
+# -- objectives and statistics --------------------------------------------------------------------
+def objective_of(target: MatrixTarget, objective: str | None, default: str) -> str:
+    """`objective`, else the one in the target's settings, else `default`; checked."""
+    if objective is None:
+        objective = (target.settings or {}).get("objective") or default
+    if objective not in OBJECTIVES:
+        raise TensorSlimError(
+            f"objective must be one of {', '.join(map(repr, OBJECTIVES))}; got {objective!r}"
+        )
+    return objective
+
+
+def _missing(st: Any, need: frozenset[str]) -> list[str]:
+    missing = []
+    if "gram" in need and (st is None or st.gram is None or st.rows == 0):
+        missing.append("calibration inputs (calibration=batches)")
+    if "fisher" in need and (st is None or st.fisher is None):
+        missing.append("a Fisher estimate (calibration=batches and loss=fn)")
+    return missing
+
+
+def _where(label: str | None) -> str:
+    return f" of layer {label}" if label else ""
+
+
+def _check_finite(st: Any, need: frozenset[str], label: str | None) -> None:
+    """Refuse statistics holding NaN / Inf (calibration checks each batch; a sum may overflow)."""
+    for key in ("gram", "fisher"):
+        t = getattr(st, key) if key in need else None
+        if t is not None and not bool(torch.isfinite(t).all()):
+            what = "input Gram matrix" if key == "gram" else "Fisher estimate"
+            raise TensorSlimError(
+                f"the calibration {what}{_where(label)} holds NaN or Inf (its sum over "
+                "the batches overflowed?); scale the calibration data or the loss down"
+            )
+
+
+def require_stats(st: Any, method: str, need: frozenset[str], label: str | None = None) -> Any:
+    """`st` (LayerStats; None passes when `need` is empty), or TensorSlimError naming the method,
+    the layer (`label`, MatrixTarget.label) and what to pass, where a statistic in `need`
+    ("gram", "fisher") is missing or not finite."""
+    missing = _missing(st, need)
+    if missing:
+        on = f" on layer {label}" if label else ""
+        raise TensorSlimError(
+            f"method {method!r}{on} needs "
+            + " and ".join(missing)
+            + "; pass them to tensorslim.compress or tensorslim.apply_plan "
+            "(calibration=..., loss=...); tensorslim.load rebuilds a saved model without them"
+        )
+    _check_finite(st, need, label)
+    return st
+
+
+def fisher_of(st: Any, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """The Fisher diagonal of the matrix, shaped (m, n)."""
+    return st.fisher.reshape(shape)
+
+
+@contextmanager
+def layer_errors(method: str, target: MatrixTarget) -> Iterator[None]:
+    """A solver's refusal (ValueError, LinAlgError) as a TensorSlimError naming the layer."""
+    try:
+        yield
+    except TensorSlimError:
+        raise
+    except (ValueError, torch.linalg.LinAlgError) as exc:
+        raise TensorSlimError(f"method {method!r} failed on layer {target.label}: {exc}") from exc
+
+
+# -- nested factors and truncation curves ---------------------------------------------------------
+def cached_nested(st: Any, key: tuple, k: int, compute: Callable[[int], Factors]) -> Factors:
+    """Float64 nested factors A (m x k), B (k x n) (A[:, :r] @ B[:r] is the rank-r answer) from
+    `compute(k)`; with statistics `st`, the factors of the largest k asked so far are kept in
+    `st.cache[key]` (one compress call lists errors, then builds, from the same factors)."""
+    if st is None:
+        return compute(k)
+    hit = st.cache.get(key)
+    if hit is None or hit[0].shape[1] < k:
+        hit = compute(k)
+        st.cache[key] = hit
+    return hit[0][:, :k], hit[1][:k]
+
+
+def nested_svd(w: torch.Tensor, st: Any, k: int) -> Factors:
+    """Plain SVD nested factors (Eckart-Young): A = U_k diag(S_k) (m x k), B = V_k^T (k x n)."""
+
+    def compute(j: int) -> Factors:
+        u, s, vh = torch.linalg.svd(w.detach().to(torch.float64), full_matrices=False)
+        return u[:, :j] * s[:j], vh[:j]
+
+    return cached_nested(st, ("svd", tuple(w.shape)), k, compute)
+
+
+def nested_fwsvd(w: torch.Tensor, st: Any, k: int, eps: float) -> Factors:
+    """FWSVD nested factors (Hsu et al. 2022, "Language model compression with weighted low-rank
+    factorization", Sec. 3): the SVD of D W, D = diag(sqrt(row importance of the Fisher + eps)),
+    A = D^-1 U_k S_k (m x k), B = V_k^T (k x n)."""
+
+    def compute(j: int) -> Factors:
+        rows = row_importance(fisher_of(st, w.shape), eps)
+        a, b, _ = fwsvd_factors(w.detach().to(torch.float64), rows, j)
+        return a, b
+
+    return cached_nested(st, ("fwsvd", tuple(w.shape), eps), k, compute)
+
+
+def nested_whitened(w: torch.Tensor, st: Any, k: int, damp: float) -> Factors:
+    """Whitened nested factors (SVD-LLM, Wang et al. 2024, arXiv 2403.07378): the SVD of W S with
+    S S^T = G + damping, A = U_k S_k (m x k), B = V_k^T S^-1 (k x n)."""
+
+    def compute(j: int) -> Factors:
+        a, b, _, _ = whitened_factors(w.detach().to(torch.float64), st.gram, j, damp)
+        return a, b
+
+    return cached_nested(st, ("whitened", tuple(w.shape), damp), k, compute)
+
+
+def objective_curve(
+    objective: str, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, st: Any
+) -> tuple[torch.Tensor, float | None]:
+    """(absolute error of every truncation r = 0..K, normaliser) under `objective`: the
+    normaliser is ||W||^2 or tr(W G W^T) for the relative objectives, None for "fisher"."""
+    if objective == "weight":
+        c = truncation_curves(w, a, b)
+        return c["weight"], float(c["weight_total"])
+    if objective == "feature":
+        c = truncation_curves(w, a, b, gram=st.gram)
+        return c["feature"], float(c["feature_total"])
+    if objective == "fisher":
+        # exact every K/48 ranks, interpolated between (the O(K m n) residual loop dominates)
+        fisher = fisher_of(st, w.shape)
+        c = truncation_curves(w, a, b, fisher=fisher, fisher_stride=max(1, a.shape[1] // 48))
+        return 0.5 * c["fisher"], None
+    raise TensorSlimError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+def objective_errors(
+    objective: str, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, st: Any
+) -> list[float]:
+    """Error of every truncation r = 0..K of nested (a, b) under `objective` (core.objective)."""
+    curve, total = objective_curve(objective, w, a, b, st)
+    if total is not None:
+        curve = curve / (total or 1.0)
+    return curve.tolist()
+
+
+# -- plan facts -----------------------------------------------------------------------------------
+def risk_facts(
+    w: torch.Tensor, st: Any, rank: int, w_hat: torch.Tensor, eps: float = 1e-6
+) -> dict[str, float]:
+    """Per-layer "SVD risk" (Hua et al., EMNLP 2022, "Numerical optimizations for weighted
+    low-rank estimation on language model", Sec. 5 motivates a metric predicting when plain SVD
+    hurts; the paper does not give its exact form, so this is our reading); {} without a Fisher.
+
+    svd_fisher_error = 1/2 sum I (W - SVD_r(W))^2, the loss-increase estimate of plain SVD at this
+    rank; weighted_fisher_error = the smaller of that estimate for `w_hat` (the weighted solution
+    used) and for FWSVD at the same rank; svd_risk = their ratio minus 1: how much plain SVD loses
+    to the weighted optimum."""
+    if st is None or st.fisher is None:
+        return {}
+    fisher = fisher_of(st, w.shape)
+    a, b = nested_svd(w, st, rank)
+    svd_err = 0.5 * weighted_error(w, a @ b, fisher)
+    af, bf = nested_fwsvd(w, st, rank, eps)
+    best = min(0.5 * weighted_error(w, w_hat, fisher), 0.5 * weighted_error(w, af @ bf, fisher))
+    return {
+        "svd_fisher_error": svd_err,
+        "weighted_fisher_error": best,
+        "svd_risk": (svd_err / best - 1.0) if best > 0 else 0.0,
+    }
+
+
+def output_facts(w: torch.Tensor, st: Any, w_hat: torch.Tensor) -> dict[str, float]:
+    """rel_output_error = ||(W - W_hat) X^T|| / ||W X^T|| on the calibration inputs; {} without
+    a Gram matrix."""
+    if st is None or st.gram is None or not st.rows:
+        return {}
+    zero = torch.zeros_like(w, dtype=torch.float64)
+    total = output_error(w, zero, st.gram) or 1.0
+    return {"rel_output_error": (output_error(w, w_hat, st.gram) / total) ** 0.5}
+
+
+# -- shapes, dtypes and overflow ------------------------------------------------------------------
+def matrix_view(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` as a matrix (m x n): a kernel (m, c, *k) is flattened to (m, c * prod(k))."""
+    return weight if weight.ndim == 2 else weight.reshape(weight.shape[0], -1)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def refuse_overflow(op: nn.Module, target: MatrixTarget, method: str, rank: Any) -> nn.Module:
+    """`op`, or UnsupportedLayerError naming the layer and dtype where a factor does not fit the
+    target's dtype (a float16 layer whose factors exceed 65504 even after the rescaling of
+    decompose.svd.cast_factors)."""
+    bad = [
+        n
+        for n, p in op.named_parameters()
+        if p.is_floating_point() and not bool(torch.isfinite(p).all())
+    ]
+    if not bad:
+        return op
+    dtype = next((p.dtype for p in op.parameters() if p.is_floating_point()), target.dtype)
+    name = dtype_name(dtype)
+    raise UnsupportedLayerError(
+        f"layer {target.label} ({name}): the {method!r} factors at rank {rank} do not fit in "
+        f"{name} (largest finite value {torch.finfo(dtype).max:g}; {', '.join(bad)} overflow); "
+        "compress a float32 copy of the model, or exclude this layer"
+    )

@@ -1,0 +1,328 @@
+"""Shared code of the tensor-decomposition compressors of conv kernels ("cp", "tucker2", "tt",
+"spatial"): rank forms, parameters and FLOPs of the factorized chains, the keep grid, and the cache
+of decompositions keyed by kernel content.
+
+Ranks from keep (Schuurmans et al., ICLR 2023, following tltorch's `rank=<float>`): CP takes the
+largest R with R(out + in + sum k) <= keep * dense; Tucker-2 and TT take ranks proportional to their
+full (exact) ranks, scaled by the largest factor that fits; spatial SVD the largest r with
+r(in kh + out kw) <= keep * dense. A component's Cost excludes the bias (kept as it is, see
+core.cost), but the keeps of the grid are keeps of the layer, bias included, as the allocators
+count them: a grid rank lands just under its keep of the whole layer.
+
+The error of an iterative or multi-rank decomposition is only known after computing it, so CP and
+TT are evaluated on a coarse grid of keeps (`GRID`, 12 values from 0.02 to 0.9 that include 0.1,
+0.25, 0.5 and 0.75; kernels above `BIG_KERNEL` elements use `BIG_GRID`, 6 values, to bound CP's
+time). Ranks from a keep land just under it (see decompose.tensor._largest_rho). Decompositions are
+cached (by kernel content, kind, rank and options; `CACHE_SIZE` entries) so that building the
+chosen proposal does not recompute it.
+
+1x1 convolutions are matrices: every tensor method falls back to the matrix SVD ("lowrank") there,
+and so does a tensor method on a layer that is not a Conv1d / Conv2d (a Linear, a Conv3d).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from tensorslim.core.compressor import Compressor, Cost, dtype_bits
+from tensorslim.core.target import LayerTarget
+from tensorslim.decompose.tensor import Decomposition, compute_dtype
+from tensorslim.errors import UnsupportedLayerError, is_int, short_repr
+from tensorslim.layers.tensor_conv import ConvGeometry, FactorizedConv
+
+Rank = int | tuple[int, ...]
+
+GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9)
+BIG_GRID = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
+BIG_KERNEL = 1_000_000
+CACHE_SIZE = 256
+# The largest keep below 1: the bound of "stores fewer parameters than dense".
+BELOW_DENSE = 1.0 - 1e-9
+# The matrix compressor a tensor method falls back to, and its user-facing method name.
+FALLBACK_KIND, FALLBACK_METHOD = "lowrank", "svd"
+
+_CACHE: OrderedDict[tuple, Decomposition] = OrderedDict()
+
+
+# -- rank forms -----------------------------------------------------------------------------------
+def normalize_rank(rank: Any) -> Rank:
+    """A rank as the decompositions take it: an int, or a tuple of ints (from a JSON list)."""
+    return tuple(int(r) for r in rank) if isinstance(rank, (list, tuple)) else int(rank)
+
+
+def plain_rank(rank: Rank) -> int | list[int]:
+    """A rank as a spec stores it (JSON): an int or a list of ints."""
+    return [int(r) for r in rank] if isinstance(rank, (list, tuple)) else int(rank)
+
+
+def ints_within(rank: Any, full: tuple[int, ...]) -> bool:
+    """True if `rank` is a list or tuple of len(full) integers (not bools), r_j in [1, full[j]]."""
+    return (
+        isinstance(rank, (list, tuple))
+        and len(rank) == len(full)
+        and all(is_int(r) and 1 <= r <= f for r, f in zip(rank, full))
+    )
+
+
+def tt_order(bonds: int) -> str:
+    """The axis order of the kernel's tensor train: (in, kh, kw, out) or (in, k, out)."""
+    return "(in, kh, kw, out)" if bonds == 3 else "(in, k, out)"
+
+
+# -- the decomposition cache ----------------------------------------------------------------------
+def fingerprint(w: torch.Tensor) -> str:
+    """Content hash of a kernel in the dtype it is decomposed in (float64 kernels are decomposed in
+    float64, every other dtype in float32), with that dtype and the shape."""
+    dtype = compute_dtype(w.dtype)
+    data = w.detach().to("cpu", dtype).contiguous().numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest() + f"{tuple(w.shape)}{dtype}"
+
+
+def clear_cache() -> None:
+    """Forget cached decompositions."""
+    _CACHE.clear()
+
+
+def cached(key: tuple, compute: Any) -> Decomposition:
+    """The decomposition under `key`, computed by `compute()` on a miss (LRU, CACHE_SIZE)."""
+    dec = _CACHE.get(key)
+    if dec is None:
+        dec = compute()
+        _CACHE[key] = dec
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return dec
+
+
+# -- costs ----------------------------------------------------------------------------------------
+def chain_flops(layer: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs (2 per multiply-add) of a chain of convs (a conv, or a module whose children are
+    convs applied in order) on `input_shape` (N, C, *spatial), traced on the meta device."""
+    if any(p.device.type != "meta" for p in layer.parameters()):
+        layer = copy.deepcopy(layer).to("meta")
+    dtype = next((p.dtype for p in layer.parameters()), torch.float32)
+    flops = 0
+    x = torch.empty(input_shape, device="meta", dtype=dtype)
+    for conv in list(layer.children()) or [layer]:
+        x = conv(x)
+        flops += 2 * x.numel() * conv.weight[0].numel()
+    return flops
+
+
+def refuse_overflow(new: nn.Module, target: LayerTarget, method: str, rank: Any) -> nn.Module:
+    """`new` (the factorized layer), or UnsupportedLayerError naming the layer and dtype where a
+    factor does not fit the layer's dtype (a float16 layer whose factors exceed 65504 even after
+    rescaling, see layers.tensor_conv.fit_range)."""
+    bad = [
+        n
+        for n, p in new.named_parameters()
+        if p.is_floating_point() and not bool(torch.isfinite(p).all())
+    ]
+    if not bad:
+        return new
+    dtype = next((p.dtype for p in new.parameters() if p.is_floating_point()), torch.float32)
+    kind = type(target.module).__name__
+    name = target.layer or kind
+    dname = str(dtype).removeprefix("torch.")
+    raise UnsupportedLayerError(
+        f"layer {name!r} ({kind}, {dname}): the {method!r} factors at rank {plain_rank(rank)} do "
+        f"not fit in {dname} (largest finite value {torch.finfo(dtype).max:g}; "
+        f"{', '.join(bad)} overflow); compress a float32 copy of the model, or exclude this layer"
+    )
+
+
+# -- the shared compressor ------------------------------------------------------------------------
+class TensorConvCompressor(Compressor):
+    """Shared logic of the tensor methods on nn.Conv1d / nn.Conv2d (groups == 1), seen through the
+    "conv" handler. Component parameters: {"rank": ...} in the method's rank form. Subclasses set
+    `layer_cls` and implement the shape-based hooks (`_params`, `_rank_for_keep`, `check_rank`,
+    `_decompose`, `_reconstruct`)."""
+
+    form: ClassVar[str] = "layer"
+    layer_cls: ClassVar[type[FactorizedConv]] = FactorizedConv
+    keeps: ClassVar[tuple[float, ...]] = GRID
+
+    # -- shape-based hooks (kernel shape (out, in, *k)) ---------------------------------------
+    def _params(self, shape: tuple[int, ...], rank: Rank) -> int:
+        """Parameters of the factors at `rank` (bias excluded)."""
+        raise NotImplementedError
+
+    def _rank_for_keep(self, shape: tuple[int, ...], keep: float, extra: int) -> Rank | None:
+        """The largest rank whose factors plus `extra` kept parameters (the bias) are at most
+        keep * (the kernel's plus `extra`) (None if none)."""
+        raise NotImplementedError
+
+    def check_rank(self, shape: tuple[int, ...], rank: Any) -> str | None:
+        """None if `rank` is valid for a kernel of `shape`, else what is accepted."""
+        raise NotImplementedError
+
+    def _decompose(self, kernel: torch.Tensor, rank: Rank) -> Decomposition:
+        raise NotImplementedError
+
+    def _reconstruct(self, factors: list[torch.Tensor]) -> torch.Tensor:
+        """The kernel (out, in, *k) of a decomposition's factors."""
+        raise NotImplementedError
+
+    # -- ranks ----------------------------------------------------------------------------------
+    def rank_for_keep(self, shape: tuple[int, ...], keep: float, extra: int = 0) -> Rank | None:
+        """The largest rank within keep of the layer's parameters (kernel plus `extra`, the bias:
+        the layer's keep, as the allocators count it), None if none is below dense."""
+        r = self._rank_for_keep(shape, keep, extra)
+        if not r or self._params(shape, r) >= math.prod(shape):
+            return None
+        return r
+
+    def ranks(self, shape: tuple[int, ...], extra: int = 0) -> list[Rank]:
+        """Distinct ranks of the keep grid (keeps of the layer: kernel plus `extra`, the bias), by
+        rising cost, all strictly below the dense cost."""
+        keeps = BIG_GRID if math.prod(shape) > BIG_KERNEL else self.keeps
+        dense = math.prod(shape)
+        out: list[Rank] = []
+        for keep in keeps:
+            r = self.rank_for_keep(shape, keep, extra)
+            if r is not None and r not in out and self._params(shape, r) < dense:
+                out.append(r)
+        return sorted(out, key=lambda r: self._params(shape, r))
+
+    # -- what it accepts ------------------------------------------------------------------------
+    def fallback(self, handler: Any, module: nn.Module) -> tuple[str, str] | None:
+        """("lowrank", note) on a layer that is a matrix: a 1x1 convolution, a Linear, or a layer
+        type this method has no factorization for (Conv3d, HF Conv1D, ...)."""
+        if is_conv(handler, module):
+            if math.prod(module.kernel_size) == 1:
+                note = (
+                    f"1x1 convolution is a matrix: {self.method!r} falls back to the matrix SVD"
+                )
+                return FALLBACK_KIND, note
+            return None
+        kind = type(module).__name__
+        if isinstance(module, nn.Linear):
+            why = f"{kind} is a matrix: {self.method!r} reduces to a matrix factorization"
+        else:
+            why = f"no {self.method!r} factorizer for {kind}"
+        return FALLBACK_KIND, f"{why}; falls back to {FALLBACK_METHOD!r}"
+
+    def supports(self, handler: Any, module: nn.Module) -> str | None:
+        """None for a Conv1d / Conv2d (groups 1, kernel larger than 1x1) with a rank below dense;
+        on a layer where `fallback` applies, its note."""
+        fb = self.fallback(handler, module)
+        if fb is not None:
+            return fb[1]
+        if not is_conv(handler, module):
+            return f"{self.method!r} does not support {type(module).__name__}"
+        if module.groups != 1:
+            kind = "depthwise" if module.groups == module.in_channels else "grouped"
+            return (
+                f"{kind} convolution (groups={module.groups}) is not supported by {self.method!r}"
+            )
+        shape, extra = _shape(handler, module), _extra(handler, module)
+        if self.rank_for_keep(shape, BELOW_DENSE, extra) is None or not self.ranks(shape, extra):
+            return f"too small to gain: no {self.method!r} rank stores fewer parameters than dense"
+        return None
+
+    def check(self, target: LayerTarget, params: Mapping[str, Any]) -> str | None:
+        unknown = [k for k in params if k != "rank"]
+        if unknown:
+            return (
+                f"unknown parameter {short_repr(unknown[0])} for {self.kind!r}; "
+                "its only parameter is 'rank'"
+            )
+        if "rank" not in params:
+            return f"{self.kind!r} needs a 'rank'"
+        return self.check_rank(_shape(target.handler, target.module), params["rank"])
+
+    # -- cost and error -------------------------------------------------------------------------
+    def cost(self, target: LayerTarget, params: Mapping[str, Any]) -> Cost:
+        kernel = target.handler.kernel(target.module)
+        rank = normalize_rank(params["rank"])
+        n = self._params(tuple(kernel.shape), rank)
+        return Cost(n, n * dtype_bits(kernel.dtype), self.flops(target, rank))
+
+    def flops(self, target: LayerTarget, rank: Rank) -> int | None:
+        """FLOPs of the chain at `rank` on the site's input (None if its shape is unknown)."""
+        if target.site.input_shape is None:
+            return None
+        g = replace(ConvGeometry.of(target.module), device="meta")
+        return chain_flops(self.layer_cls(g, rank), target.site.input_shape)
+
+    def grid(self, target: LayerTarget) -> list[dict[str, Any]]:
+        shape, extra = _shape(target.handler, target.module), _extra(target.handler, target.module)
+        return [{"rank": plain_rank(r)} for r in self.ranks(shape, extra)]
+
+    def errors(
+        self, target: LayerTarget, grid: list[dict[str, Any]], objective: str
+    ) -> list[float]:
+        """Relative squared kernel error of each decomposition (objective "weight"); other
+        objectives measure the reconstructed kernel (Compressor.errors)."""
+        if objective != "weight":
+            return super().errors(target, grid, objective)
+        kernel = target.handler.kernel(target.module)
+        return [self.weight_error(kernel, normalize_rank(p["rank"])) for p in grid]
+
+    def weight_error(self, kernel: torch.Tensor, rank: Rank) -> float:
+        """||K - K_hat||^2 / ||K||^2 of the decomposition at `rank`."""
+        return self.decompose(kernel, rank).rel_error ** 2
+
+    # -- decomposition and building -------------------------------------------------------------
+    def decompose(self, kernel: torch.Tensor, rank: Rank) -> Decomposition:
+        """The decomposition of `kernel` at `rank`, from the cache when possible."""
+        rank = normalize_rank(rank)
+        key = (self.kind, fingerprint(kernel), rank, _options_key(self.options))
+        return cached(key, lambda: self._decompose(kernel.detach(), rank))
+
+    def project(self, weight: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
+        """The kernel reconstructed from the decomposition at params["rank"] (same shape, dtype
+        and device as `weight`)."""
+        dec = self.decompose(weight, normalize_rank(params["rank"]))
+        k_hat = self._reconstruct(dec.factors)
+        return k_hat.reshape(weight.shape).to(device=weight.device, dtype=weight.dtype)
+
+    def build(
+        self, target: LayerTarget, params: Mapping[str, Any]
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        """The chain holding the decomposition's factors and the conv's bias; facts for the plan
+        (decomposition, kernel_rel_error, iterations, ...). UnsupportedLayerError where a factor
+        overflows the layer's dtype."""
+        rank = normalize_rank(params["rank"])
+        dec = self.decompose(target.handler.kernel(target.module), rank)
+        layer = self.layer_cls.from_decomposition(target.module, dec)
+        layer = refuse_overflow(layer, target, self.method, rank)
+        return layer, dict(layer.decomposition_info)
+
+    def empty(self, target: LayerTarget, params: Mapping[str, Any]) -> nn.Module:
+        """The chain with the conv's geometry and unset weights."""
+        return self.layer_cls.empty_like(target.module, normalize_rank(params["rank"]))
+
+
+def is_conv(handler: Any, module: nn.Module) -> bool:
+    """True for a Conv1d / Conv2d seen through the "conv" handler."""
+    return getattr(handler, "name", None) == "conv" and isinstance(
+        module, (nn.Conv1d, nn.Conv2d)
+    )
+
+
+def _shape(handler: Any, module: nn.Module) -> tuple[int, ...]:
+    return tuple(handler.kernel(module).shape)
+
+
+def _extra(handler: Any, module: nn.Module) -> int:
+    """Parameters the layer keeps besides the kernel (the bias)."""
+    return sum(t.numel() for t in handler.extra_params(module).values() if t is not None)
+
+
+def _options_key(options: Any) -> tuple:
+    if dataclasses.is_dataclass(options):
+        return tuple(sorted(dataclasses.asdict(options).items()))
+    return ()

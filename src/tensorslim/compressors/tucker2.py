@@ -1,0 +1,118 @@
+"""Tucker-2 decomposition of a conv kernel (kind "tucker2"; Kim et al., ICLR 2016):
+K = G x_0 U_out x_1 U_in with the spatial modes kept at full rank, built as 1x1 in->r_in, a conv
+with the dense geometry r_in->r_out, 1x1 r_out->out.
+
+HOOI (De Lathauwer et al. 2000b, TensorLy `partial_tucker`) by default, HOSVD (one SVD per channel
+unfolding) with algorithm="hosvd". Rank: [r_out, r_in]. The errors the allocators see are the HOSVD
+errors of every grid rank, from one SVD per channel unfolding (an upper bound of the HOOI error
+the built layer gets; the plan records the built error).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tensorslim.compressors._factors import OptionSpec, check_options
+from tensorslim.compressors._tensor import Rank, TensorConvCompressor, ints_within, normalize_rank
+from tensorslim.core.compressor import register_compressor
+from tensorslim.core.target import LayerTarget
+from tensorslim.decompose.tensor import (
+    Decomposition,
+    tucker2,
+    tucker2_full_ranks,
+    tucker2_params,
+    tucker2_ranks_for_keep,
+    tucker2_reconstruct,
+)
+from tensorslim.errors import short_repr
+from tensorslim.layers.tensor_conv import Tucker2Conv
+
+ALGORITHMS = ("hooi", "hosvd")
+
+
+@dataclass(frozen=True)
+class Tucker2Options:
+    """`algorithm` "hooi" (at most `n_iter_max` sweeps from the HOSVD, stopping when the error
+    changes by less than `tol`) or "hosvd"."""
+
+    algorithm: str = "hooi"
+    n_iter_max: int = 50
+    tol: float = 1e-6
+
+    def __post_init__(self) -> None:
+        check_options(self, _SPECS)
+
+
+_SPECS = {
+    "algorithm": OptionSpec(str, choices=ALGORITHMS),
+    "n_iter_max": OptionSpec(int, 1),
+    "tol": OptionSpec(float, 0),
+}
+
+
+@register_compressor("tucker2")
+class Tucker2Compressor(TensorConvCompressor):
+    """Tucker-2 of the kernel at ranks [r_out, r_in]."""
+
+    Options = Tucker2Options
+    layer_cls = Tucker2Conv
+
+    def _params(self, shape: tuple[int, ...], rank: Rank) -> int:
+        return tucker2_params(shape, tuple(rank))
+
+    def _rank_for_keep(self, shape: tuple[int, ...], keep: float, extra: int) -> Rank | None:
+        return tucker2_ranks_for_keep(shape, keep, extra)
+
+    def check_rank(self, shape: tuple[int, ...], rank: Any) -> str | None:
+        """2 integers [r_out, r_in], each at most its full rank (`tucker2_full_ranks`)."""
+        full = tucker2_full_ranks(shape)
+        if ints_within(rank, full):
+            return None
+        return (
+            "rank must be 2 integers (r_out, r_in: the output and input channel ranks) with "
+            f"r_out in [1, {full[0]}] and r_in in [1, {full[1]}] (the full ranks); "
+            f"got {short_repr(rank)}"
+        )
+
+    def _decompose(self, kernel: torch.Tensor, rank: Rank) -> Decomposition:
+        o = self.options
+        return tucker2(
+            kernel, tuple(rank), algorithm=o.algorithm, n_iter_max=o.n_iter_max, tol=o.tol
+        )
+
+    def _reconstruct(self, factors: list[torch.Tensor]) -> torch.Tensor:
+        return tucker2_reconstruct(*factors)
+
+    def errors(
+        self, target: LayerTarget, grid: list[dict[str, Any]], objective: str
+    ) -> list[float]:
+        """HOSVD errors of every grid rank (objective "weight"), see `hosvd_energy`."""
+        if objective != "weight":
+            return super().errors(target, grid, objective)
+        cum = hosvd_energy(target.handler.kernel(target.module))
+        return [_hosvd_error(cum, normalize_rank(p["rank"])) for p in grid]
+
+    def weight_error(self, kernel: torch.Tensor, rank: Rank) -> float:
+        return _hosvd_error(hosvd_energy(kernel), normalize_rank(rank))
+
+
+def hosvd_energy(kernel: torch.Tensor) -> torch.Tensor:
+    """E (r_out_max, r_in_max): E[a-1, b-1] is the fraction of ||K||^2 the HOSVD keeps at ranks
+    (a, b). With orthonormal U_out, U_in (leading left singular vectors of the channel
+    unfoldings) the kept energy is ||K x_0 U_out^T x_1 U_in^T||^2; prefix sums of the projections
+    onto all leading vectors at once give every rank pair from one SVD per unfolding."""
+    w = kernel.detach().to("cpu", torch.float64)
+    u_out = torch.linalg.svd(w.reshape(w.shape[0], -1), full_matrices=False)[0]
+    u_in = torch.linalg.svd(w.transpose(0, 1).reshape(w.shape[1], -1), full_matrices=False)[0]
+    total = float((w**2).sum()) or 1.0
+    proj = torch.einsum("oi...,oa,ib->ab...", w, u_out, u_in)
+    energy = (proj**2).reshape(proj.shape[0], proj.shape[1], -1).sum(-1)
+    return energy.cumsum(0).cumsum(1) / total
+
+
+def _hosvd_error(cum: torch.Tensor, rank: Rank) -> float:
+    r_out, r_in = rank
+    return max(0.0, 1.0 - float(cum[r_out - 1, r_in - 1]))
