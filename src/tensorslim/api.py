@@ -154,6 +154,7 @@ def compress(
     _check_choice("allocator", allocator, list(ALLOCATORS))
     objective = check_objective(objective)
     compressor = method_compressor(method, method_options)  # before any batch is read
+    method = compressor.method  # a kind given as method ("lowrank") is recorded by its name
     example_given = example_input is not None
     batches, example_input = peek(calibration, example_input)
     _check_example_input(example_input)

@@ -300,10 +300,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def refuse_overflow(op: nn.Module, target: MatrixTarget, method: str, rank: Any) -> nn.Module:
-    """`op`, or UnsupportedLayerError naming the layer and dtype where a factor does not fit the
-    target's dtype (a float16 layer whose factors exceed 65504 even after the rescaling of
-    decompose.svd.cast_factors)."""
+def refuse_overflow(op: nn.Module, target: Any, method: str, rank: Any) -> nn.Module:
+    """`op` (the compressed matrix operator or layer), or UnsupportedLayerError naming the layer
+    and dtype where a factor does not fit the target's dtype (a float16 layer whose factors exceed
+    65504 even after the rescaling of decompose.svd.cast_factors / layers.tensor_conv.fit_range).
+    `target`: a MatrixTarget or a LayerTarget."""
     bad = [
         n
         for n, p in op.named_parameters()
@@ -311,10 +312,16 @@ def refuse_overflow(op: nn.Module, target: MatrixTarget, method: str, rank: Any)
     ]
     if not bad:
         return op
-    dtype = next((p.dtype for p in op.parameters() if p.is_floating_point()), target.dtype)
+    fallback = getattr(target, "dtype", torch.float32)
+    dtype = next((p.dtype for p in op.parameters() if p.is_floating_point()), fallback)
     name = dtype_name(dtype)
+    module = getattr(target, "module", None)
+    if module is not None:  # a whole layer: name its type too
+        where = f"{(target.layer or type(module).__name__)!r} ({type(module).__name__}, {name})"
+    else:
+        where = f"{target.label} ({name})"
     raise UnsupportedLayerError(
-        f"layer {target.label} ({name}): the {method!r} factors at rank {rank} do not fit in "
+        f"layer {where}: the {method!r} factors at rank {rank} do not fit in "
         f"{name} (largest finite value {torch.finfo(dtype).max:g}; {', '.join(bad)} overflow); "
         "compress a float32 copy of the model, or exclude this layer"
     )

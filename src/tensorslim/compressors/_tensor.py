@@ -34,10 +34,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tensorslim.compressors._factors import refuse_overflow
 from tensorslim.core.compressor import Compressor, Cost, dtype_bits
 from tensorslim.core.target import LayerTarget
 from tensorslim.decompose.tensor import Decomposition, compute_dtype
-from tensorslim.errors import UnsupportedLayerError, is_int, short_repr
+from tensorslim.errors import is_int, short_repr
 from tensorslim.layers.tensor_conv import ConvGeometry, FactorizedConv
 
 Rank = int | tuple[int, ...]
@@ -119,28 +120,6 @@ def chain_flops(layer: nn.Module, input_shape: tuple[int, ...]) -> int:
         x = conv(x)
         flops += 2 * x.numel() * conv.weight[0].numel()
     return flops
-
-
-def refuse_overflow(new: nn.Module, target: LayerTarget, method: str, rank: Any) -> nn.Module:
-    """`new` (the factorized layer), or UnsupportedLayerError naming the layer and dtype where a
-    factor does not fit the layer's dtype (a float16 layer whose factors exceed 65504 even after
-    rescaling, see layers.tensor_conv.fit_range)."""
-    bad = [
-        n
-        for n, p in new.named_parameters()
-        if p.is_floating_point() and not bool(torch.isfinite(p).all())
-    ]
-    if not bad:
-        return new
-    dtype = next((p.dtype for p in new.parameters() if p.is_floating_point()), torch.float32)
-    kind = type(target.module).__name__
-    name = target.layer or kind
-    dname = str(dtype).removeprefix("torch.")
-    raise UnsupportedLayerError(
-        f"layer {name!r} ({kind}, {dname}): the {method!r} factors at rank {plain_rank(rank)} do "
-        f"not fit in {dname} (largest finite value {torch.finfo(dtype).max:g}; "
-        f"{', '.join(bad)} overflow); compress a float32 copy of the model, or exclude this layer"
-    )
 
 
 # -- the shared compressor ------------------------------------------------------------------------
@@ -298,7 +277,7 @@ class TensorConvCompressor(Compressor):
         rank = normalize_rank(params["rank"])
         dec = self.decompose(target.handler.kernel(target.module), rank)
         layer = self.layer_cls.from_decomposition(target.module, dec)
-        layer = refuse_overflow(layer, target, self.method, rank)
+        layer = refuse_overflow(layer, target, self.method, plain_rank(rank))
         return layer, dict(layer.decomposition_info)
 
     def empty(self, target: LayerTarget, params: Mapping[str, Any]) -> nn.Module:

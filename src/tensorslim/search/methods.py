@@ -7,7 +7,13 @@ from typing import Any
 
 from torch import nn
 
-from tensorslim.core.compressor import Compressor, compressor_class, get_compressor, method_names
+from tensorslim.core.compressor import (
+    Compressor,
+    compressor_class,
+    compressor_kinds,
+    get_compressor,
+    method_names,
+)
 from tensorslim.core.handler import Handler
 from tensorslim.errors import TensorSlimError, short_repr
 
@@ -15,8 +21,8 @@ AUTO = "auto"
 
 
 def methods() -> list[str]:
-    """Every name compress accepts as `method`."""
-    return sorted({*method_names(), AUTO})
+    """Every name compress accepts as `method`: compressor method names and kinds, and "auto"."""
+    return sorted({*method_names(), *compressor_kinds(), AUTO})
 
 
 class AutoChoice(Compressor):

@@ -22,32 +22,44 @@ def fit(
     seed: int = 0,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     weight_decay: float = 0.0,
+    lr_decay: float = 1.0,
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    penalty: Callable[[int], Callable[[], torch.Tensor] | None] | None = None,
     progress: bool = False,
     description: str = "Training",
     on_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> list[float]:
-    """Train `model` in place on (x, y) for `epochs` with Adam; returns the mean loss per epoch.
+    """Train `model` in place on (x, y) for `epochs` with Adam (learning rate x `lr_decay` after
+    every epoch); returns the mean task loss per epoch. The one training loop of the package.
 
-    Shuffling uses its own generator seeded by `seed`, so runs are reproducible. `on_epoch(epoch,
-    model)` (epoch counted from 1) is called after each epoch, e.g. to record a recovery curve; the
-    model is back in training mode afterwards.
+    forward(model, xb) defaults to model(xb), loss_fn to cross-entropy. penalty(epoch) (counted
+    from 0) may return a function whose scalar is added to every batch's loss during that epoch
+    (a regulariser; the returned losses stay the task's). Shuffling uses its own generator seeded
+    by `seed`, so runs are reproducible. `on_epoch(epoch, model)` (epoch counted from 1) is called
+    after each epoch, e.g. to record a recovery curve or take a projection step; the model is back
+    in training mode afterwards.
     """
     loss_fn = loss_fn or nn.functional.cross_entropy
+    forward = forward or (lambda m, xb: m(xb))
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     history = []
-    for _ in track(range(epochs), description, progress, total=epochs):
+    for epoch in track(range(epochs), description, progress, total=epochs):
+        extra = penalty(epoch) if penalty is not None else None
         perm = torch.randperm(len(x), generator=gen)
         total, count = 0.0, 0
         for start in range(0, len(x), batch_size):
             idx = perm[start : start + batch_size]
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x[idx]), y[idx])
+            task = loss_fn(forward(model, x[idx]), y[idx])
+            loss = task if extra is None else task + extra()
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
+            total += float(task.detach()) * len(idx)
             count += len(idx)
+        sched.step()
         history.append(total / max(1, count))
         if on_epoch is not None:
             on_epoch(len(history), model)

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorslim._progress import track
 from tensorslim.core.compressor import get_compressor
 from tensorslim.core.handler import Handler, handler_for
 from tensorslim.errors import TensorSlimError
+from tensorslim.train.loop import fit
 
 
 def ramp(epoch: float, a: float, b: float) -> float:
@@ -233,41 +233,37 @@ def fit_lowrank(
     forward(model, xb) defaults to model(xb); loss_fn defaults to cross-entropy.
     """
     ad = adaptations or Adaptations()
-    loss_fn = loss_fn or nn.functional.cross_entropy
-    forward = forward or (lambda m, xb: m(xb))
     mats = lowrank_matrices(model, ad.kinds)
     if (ad.nuclear or ad.hard) and not mats:
         raise TensorSlimError(
             "the adaptations need GRU/LSTM (or other `kinds`) matrices; found none"
         )
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay)
-    gen = torch.Generator().manual_seed(seed)
-    history = []
-    model.train()
-    for epoch in track(range(epochs), description, progress, total=epochs):
+    coefficients: list[float] = []
+    facts: list[dict[str, float]] = []
+
+    def penalty(epoch: int):
         c = ramp(epoch, ad.nuclear[1], ad.nuclear[2]) if ad.nuclear else 0.0
-        perm = torch.randperm(len(x), generator=gen)
-        total, count = 0.0, 0
-        for start in range(0, len(x), batch_size):
-            idx = perm[start : start + batch_size]
-            opt.zero_grad(set_to_none=True)
-            task = loss_fn(forward(model, x[idx]), y[idx])
-            loss = task
-            if ad.nuclear and c > 0:
-                loss = loss + ad.nuclear[0] * c * nuclear_norm(mats)
-            loss.backward()
-            opt.step()
-            total += float(task.detach()) * len(idx)
-            count += len(idx)
-        sched.step()
-        rec = {"epoch": epoch + 1, "loss": total / max(1, count), "c": c}
+        coefficients.append(c)
+        if ad.nuclear and c > 0:
+            return lambda: ad.nuclear[0] * c * nuclear_norm(mats)
+        return None
+
+    def after_epoch(epoch: int, _model: nn.Module) -> None:
+        rec: dict[str, float] = {}
         if ad.nuclear:
             with torch.no_grad():
                 rec["nuclear_norm"] = float(nuclear_norm(mats))
-        if ad.hard and (epoch + 1) % ad.hard[0] == 0:
+        if ad.hard and epoch % ad.hard[0] == 0:
             errs = hard_lowrank_(mats, ad.hard[1])
             rec["hard_rel_error"] = max(errs.values()) if errs else 0.0
-        history.append(rec)
-    model.eval()
-    return history
+        facts.append(rec)
+
+    losses = fit(
+        model, x, y, epochs=epochs, lr=lr, lr_decay=lr_decay, batch_size=batch_size, seed=seed,
+        loss_fn=loss_fn, forward=forward, penalty=penalty, progress=progress,
+        description=description, on_epoch=after_epoch,
+    )
+    return [
+        {"epoch": i + 1, "loss": loss, "c": c, **f}
+        for i, (loss, c, f) in enumerate(zip(losses, coefficients, facts))
+    ]
