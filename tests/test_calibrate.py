@@ -174,15 +174,15 @@ def test_attention_parts_gram_and_fisher():
     assert st.part("out_proj").fisher.shape == (8, 8)
 
 
-def test_recurrent_layers_get_fisher_but_no_gram():
+def test_recurrent_layers_get_fisher_and_gram_per_gate_matrix():
     torch.manual_seed(0)
     gru = nn.GRU(3, 4)
     xs = [torch.randn(5, 2, 3)]
     stats = calibrate(gru, {"": gru}, xs, loss=lambda m, b: m(b)[0].sum(), gram=False)
     assert set(stats[""].parts) == {"weight_ih_l0", "weight_hh_l0"}
     assert stats[""].part("weight_hh_l0").fisher.shape == (12, 4)
-    with pytest.raises(TensorSlimError, match="GRU/LSTM layers is not supported"):
-        calibrate(gru, {"": gru}, xs)
+    # 5 steps x 2 sequences: one input row per step for each gate matrix
+    assert calibrate(gru, {"": gru}, xs)[""].part("weight_hh_l0").rows == 10
 
 
 def test_layers_whose_inputs_cannot_be_unfolded_are_refused_for_gram():

@@ -383,9 +383,7 @@ def test_calibration_reasons():
     )
     assert "padding='same'" in ConvHandler().calibration_reason(nn.Conv1d(3, 4, 3, padding="same"))
     assert "Conv3d" in ConvHandler().calibration_reason(nn.Conv3d(3, 4, 3))
-    assert RNNHandler().calibration_reason(nn.GRU(3, 4)) == (
-        "calibration of GRU/LSTM layers is not supported yet"
-    )
+    assert RNNHandler().calibration_reason(nn.GRU(3, 4)) is None
     assert LinearHandler().calibration_reason(nn.Linear(3, 4)) is None
     assert MHAHandler().calibration_reason(nn.MultiheadAttention(8, 2)) is None
 

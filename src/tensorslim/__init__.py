@@ -18,6 +18,7 @@ from tensorslim.io import export_onnx, load, save
 from tensorslim.plan import LayerPlan, Plan
 from tensorslim.search.rank_tuning import RankTuningResult, rank_tuning
 from tensorslim.search.timing import measure_latency
+from tensorslim.train.distill import RecoverResult, recover
 
 
 def register(module_type, handler) -> None:
@@ -35,6 +36,7 @@ __all__ = [
     "LayerPlan",
     "Plan",
     "RankTuningResult",
+    "RecoverResult",
     "TensorSlimError",
     "__version__",
     "analyze",
@@ -44,6 +46,7 @@ __all__ = [
     "load",
     "measure_latency",
     "rank_tuning",
+    "recover",
     "register",
     "register_compressor",
     "register_handler",

@@ -162,6 +162,131 @@ def _parse_keep(text: str) -> float:
     return check_keep(value)
 
 
+def _check_data_needs(method: str, objective: str | None, calibration: Path | None) -> None:
+    """Refuse, in command-line terms, a method or objective that needs data the command cannot
+    give: a loss (Fisher information) never, calibration inputs without --calibration."""
+    from tensorslim.core.objective import OBJECTIVE_NEEDS
+    from tensorslim.search.methods import method_compressor
+
+    try:
+        compressor = method_compressor(method)
+        needs = set(OBJECTIVE_NEEDS[objective or compressor.objective])
+    except (TensorSlimError, KeyError):
+        return  # compress() reports an unknown method or objective
+    needs |= set(getattr(compressor, "needs", frozenset()))
+    if "fisher" in needs:
+        what = f"--objective {objective}" if objective == "fisher" else f"--method {method}"
+        raise TensorSlimError(
+            f"{what} needs the Fisher information of a loss, which the command line cannot "
+            "give; use tensorslim.compress(..., calibration=batches, loss=fn) in Python, or "
+            "--method whitened / --objective feature with --calibration FILE"
+        )
+    if "gram" in needs and calibration is None:
+        what = f"--objective {objective}" if objective == "feature" else f"--method {method}"
+        raise TensorSlimError(
+            f"{what} needs calibration inputs: pass --calibration FILE (a .safetensors or .npy "
+            "file of model inputs along dim 0)"
+        )
+
+
+def _read_calibration(path: Path, key: str | None, samples: int) -> tuple[torch.Tensor, str]:
+    """The first `samples` samples (along dim 0) of the calibration tensor in `path` and how
+    messages name it. Reads a .safetensors header first (only the chosen tensor's first samples
+    are read) or a .npy array memory-mapped; never unpickles."""
+    shown = repr(str(path))
+    if not path.is_file():
+        raise TensorSlimError(f"--calibration file {shown} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        from tensorslim.io import safetensors_entries
+
+        try:
+            entries = safetensors_entries(path)
+        except TensorSlimError as exc:
+            raise TensorSlimError(
+                f"cannot read calibration inputs from {shown}: {exc.__cause__ or exc}"
+            ) from exc
+        names = ", ".join(map(repr, entries)) or "none"
+        if key is None:
+            if len(entries) != 1:
+                raise TensorSlimError(
+                    f"--calibration {shown} holds {len(entries)} tensors ({names}); name the "
+                    "one holding the model inputs with --calibration-key"
+                )
+            key = next(iter(entries))
+        elif key not in entries:
+            raise TensorSlimError(
+                f"--calibration-key {key!r} is not a tensor of {shown}; it holds {names}"
+            )
+        shape = entries[key][0]
+        name = f"tensor {key!r} of {shown}"
+        if not shape:
+            raise TensorSlimError(f"{name} is a single number (shape ()); give samples along dim 0")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return f.get_slice(key)[:samples], name
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+            raise TensorSlimError(f"cannot read {name}: {exc}") from exc
+    if path.suffix == ".npy":
+        if key is not None:
+            raise TensorSlimError("--calibration-key names a tensor of a .safetensors file")
+        import numpy as np
+
+        try:
+            array = np.load(path, allow_pickle=False, mmap_mode="r")
+            if array.dtype.kind not in "biuf":
+                raise ValueError(f"dtype {array.dtype} is not numeric")
+            if array.ndim == 0:
+                raise ValueError("a single number (shape ()); give samples along dim 0")
+            data = torch.from_numpy(np.array(array[:samples]))  # a writable copy
+        except (OSError, ValueError, TypeError) as exc:
+            raise TensorSlimError(
+                f"cannot read calibration inputs from {shown} (a plain numeric .npy array, read "
+                f"with allow_pickle=False): {exc}"
+            ) from exc
+        return data, shown
+    raise TensorSlimError(
+        f"--calibration {shown}: give a .safetensors file (model inputs along dim 0) or a .npy "
+        "array"
+    )
+
+
+def _calibration_batches(
+    path: Path,
+    key: str | None,
+    samples: int,
+    batch: int,
+    dtype: torch.dtype,
+    input_shape: tuple[int, ...] | None,
+) -> list[torch.Tensor]:
+    """`compress --calibration`: the first `samples` inputs of the file, checked (not empty,
+    finite, shaped like --input-shape's samples) and split into batches of `batch`; floating-point
+    data is cast to the model's dtype."""
+    data, name = _read_calibration(path, key, samples)
+    if data.shape[0] == 0:
+        raise TensorSlimError(f"{name} holds no samples (shape {tuple(data.shape)})")
+    if input_shape is not None and tuple(data.shape[1:]) != input_shape[1:]:
+        raise TensorSlimError(
+            f"{name} holds samples of shape {tuple(data.shape[1:])} (shape "
+            f"{tuple(data.shape)}), but --input-shape {','.join(map(str, input_shape))} "
+            f"describes samples of shape {tuple(input_shape[1:])}"
+        )
+    if data.is_floating_point():
+        bad = ~torch.isfinite(data)
+        if bool(bad.any()):
+            nan, inf = int(torch.isnan(data).sum()), int(torch.isinf(data).sum())
+            first = int(bad.reshape(data.shape[0], -1).any(1).nonzero()[0])
+            raise TensorSlimError(
+                f"{name} holds {nan} NaN and {inf} Inf values (first in sample {first}); "
+                "calibration inputs must be finite"
+            )
+        data = data.to(dtype)
+    elif data.is_complex():
+        raise TensorSlimError(f"{name} is complex ({data.dtype}); give real model inputs")
+    return list(data.split(batch))
+
+
 MODEL_ARG = typer.Argument(
     None,
     help="Zoo name (digits-cnn, digits-mlp), package.module:factory, file.py:factory, "
@@ -232,6 +357,29 @@ def compress_cmd(
     include: list[str] | None = typer.Option(None, help="Only layers matching this pattern."),
     exclude: list[str] | None = typer.Option(None, help="Skip layers matching this pattern."),
     input_shape: str | None = SHAPE_OPT,
+    calibration: Path | None = typer.Option(
+        None,
+        "--calibration",
+        help="Calibration inputs for data-aware compression (whitened, --objective feature): a "
+        ".safetensors file (samples along dim 0) or a .npy array (read with allow_pickle=False).",
+    ),
+    calibration_key: str | None = typer.Option(
+        None,
+        "--calibration-key",
+        help="The tensor of a .safetensors --calibration file holding several tensors.",
+    ),
+    calibration_samples: int = typer.Option(
+        256, "--calibration-samples", min=1, help="Use the first N samples of --calibration."
+    ),
+    calibration_batch: int = typer.Option(
+        32, "--calibration-batch", min=1, help="Samples per calibration batch."
+    ),
+    objective: str | None = typer.Option(
+        None,
+        "--objective",
+        help="What the allocator minimises per layer: weight, feature (output error on "
+        "--calibration) or fisher (needs a loss: Python API only); default per method.",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
 ) -> None:
     """Compress a model to a budget and save plan.json + model.safetensors."""
@@ -241,8 +389,26 @@ def compress_cmd(
 
     keep_value = _parse_keep(keep)
     spec_arg = model or model_arg
-    check_output_dir(out, [*_spec_paths(spec_arg), *([weights] if weights else [])])
+    _check_data_needs(method, objective, calibration)
+    check_output_dir(
+        out,
+        [
+            *_spec_paths(spec_arg),
+            *([weights] if weights else []),
+            *([calibration] if calibration else []),
+        ],
+    )
     net, example, spec = resolve_model(spec_arg, weights, trust_pickle, input_shape)
+    batches = None
+    if calibration is not None:
+        batches = _calibration_batches(
+            calibration,
+            calibration_key,
+            calibration_samples,
+            calibration_batch,
+            _float_dtype(net),
+            _parse_shape(input_shape),
+        )
     small, plan = compress(
         net,
         keep_value,
@@ -253,6 +419,8 @@ def compress_cmd(
         include=include or None,
         exclude=exclude or None,
         progress=True,
+        calibration=batches,
+        objective=objective,
     )
     # a hint for `export`, which rebuilds zoo models only: other specs would run code
     plan.meta["model_spec"] = spec if spec in zoo.ZOO else None
@@ -467,6 +635,152 @@ def truncate(
     )
     plot = plot_truncation(study, out / "truncation.png", title=f"{model_arg}: truncation")
     console.print(f"Results: {out / 'truncation.json'}; plot: {plot}")
+
+
+# Data sets `recover --data` accepts by name: the unlabeled training inputs of a zoo entry.
+_RECOVER_DATA_SETS = {"digits": "digits-cnn", "fashion": "cnn4-fashion"}
+
+
+def _recover_inputs(text: str, dtype: torch.dtype) -> Any:
+    """`recover --data`: a tensor, or a dict of tensors (keyword inputs), of unlabeled inputs
+    along dim 0; floating-point data is cast to the model's dtype. Never unpickles."""
+    from tensorslim import zoo
+
+    path = Path(text)
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                found: dict[str, torch.Tensor] = load_file(str(path))
+            except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+                raise TensorSlimError(f"cannot read inputs from {text!r}: {exc}") from exc
+            if not found:
+                raise TensorSlimError(f"{text!r} holds no tensors")
+            data: Any = next(iter(found.values())) if len(found) == 1 else found
+        elif path.suffix == ".npy":
+            import numpy as np
+
+            try:
+                data = torch.from_numpy(np.load(path, allow_pickle=False))
+            except (OSError, ValueError, TypeError) as exc:
+                raise TensorSlimError(
+                    f"cannot read inputs from {text!r} (a plain numeric .npy array, read with "
+                    f"allow_pickle=False): {exc}"
+                ) from exc
+        else:
+            raise TensorSlimError(
+                f"--data {text!r}: give a .safetensors file (input tensors along dim 0; several "
+                "tensors are keyword inputs), a .npy array, or a data set name ("
+                + ", ".join(sorted(_RECOVER_DATA_SETS))
+                + ")"
+            )
+    elif text in _RECOVER_DATA_SETS or text in zoo.ZOO:
+        data = zoo.get(_RECOVER_DATA_SETS.get(text, text)).data().x_train
+    else:
+        raise TensorSlimError(
+            f"--data {text!r} is neither a file nor a data set name ("
+            + ", ".join(sorted(_RECOVER_DATA_SETS))
+            + ")"
+        )
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.is_floating_point() else t
+
+    return cast(data) if isinstance(data, torch.Tensor) else {k: cast(v) for k, v in data.items()}
+
+
+@app.command(name="recover")
+@user_errors
+def recover_cmd(
+    folder: Path = typer.Argument(..., help="A folder written by `tensorslim compress`."),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="The original architecture (zoo name or factory spec); default: the zoo model "
+        "recorded in the plan (a folder never names code to import).",
+    ),
+    weights: Path | None = WEIGHTS_OPT,
+    trust_pickle: bool = TRUST_OPT,
+    data: str = typer.Option(
+        ...,
+        "--data",
+        "-d",
+        help="Unlabeled inputs: a .safetensors file (tensors along dim 0; several tensors are "
+        "keyword inputs), a .npy array (read with allow_pickle=False), or a data set name "
+        "(digits, fashion).",
+    ),
+    epochs: int | None = typer.Option(None, "--epochs", help="Passes over the data."),
+    steps: int | None = typer.Option(
+        None, "--steps", help="Optimizer steps (instead of --epochs)."
+    ),
+    lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate."),
+    features: str | None = typer.Option(
+        None, "--features", help="Comma-separated module names whose outputs are matched too."
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", help="Inputs per step."),
+    seed: int = typer.Option(0, help="Seed for the data order and dropout."),
+    checkpoint: Path | None = typer.Option(
+        None,
+        "--checkpoint",
+        help="Folder for a resumable checkpoint (after every epoch); rerun the same command to "
+        "continue an interrupted run.",
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output folder (default: replace FOLDER, written atomically)."
+    ),
+) -> None:
+    """Recover accuracy without labels: train the compressed model in FOLDER to reproduce the
+    original model's outputs on unlabeled inputs (distillation), then save it with the plan."""
+    import copy
+    import os
+
+    from tensorslim.io import PLAN_FILE, check_not_inputs, check_output_dir, load, save
+    from tensorslim.modelspec import zoo_name_from_plan
+    from tensorslim.plan import Plan
+    from tensorslim.train.distill import recover
+
+    plan_path = folder / PLAN_FILE
+    plan = Plan.from_json(plan_path)
+    in_place = out is None or Path(os.path.realpath(out)) == Path(os.path.realpath(folder))
+    target = folder if in_place else out
+    inputs = [*_spec_paths(model), *([weights] if weights else []), Path(data)]
+    inputs = [p for p in inputs if p.exists()]
+    # in place is allowed: FOLDER carries the .tensorslim marker (check_output_dir checks it)
+    check_output_dir(target, inputs if in_place else [*inputs, folder])
+    if checkpoint is not None:
+        check_not_inputs(checkpoint, [*inputs, folder, target])
+    names = [n.strip() for n in features.split(",") if n.strip()] if features else None
+    spec = model or zoo_name_from_plan(plan.meta, plan_path)
+    original, _, _ = resolve_model(spec, weights, trust_pickle, None)
+    compressed = load(copy.deepcopy(original), folder)
+    inputs_data = _recover_inputs(data, _float_dtype(original))
+    result = recover(
+        compressed,
+        original,
+        inputs_data,
+        epochs=epochs,
+        steps=steps,
+        lr=lr,
+        features=names,
+        batch_size=batch_size,
+        progress=True,
+        checkpoint=checkpoint,
+        seed=seed,
+        plan=plan,
+    )
+    save(compressed.eval(), plan, target)
+    if result.resumed_at:
+        console.print(f"Resumed from {checkpoint} at step {result.resumed_at}")
+    console.print(
+        f"distillation loss {result.loss_before:.4g} -> {result.loss_after:.4g}; "
+        f"output cosine {result.cosine_before:.4f} -> {result.cosine_after:.4f} "
+        f"({result.steps} steps, {result.seconds:.1f} s)",
+        highlight=False,
+    )
+    console.print(f"Saved to {target}/ (plan.json, model.safetensors)")
 
 
 def main() -> None:  # pragma: no cover
