@@ -350,8 +350,14 @@ def main() -> None:
         status = (
             "" if final else "PARTIAL RESULTS (the run was still going when this was written). "
         )
+        fresh = [f"{k[0]} {k[1]} keep {k[2]}" for k in map(prior_key, rows) if k not in PRIOR]
+        measured = (
+            f"GaripovNet rows measured in this run: {', '.join(fresh) or 'none'}. "
+            if resumed
+            else ""
+        )
         notes = f"""
-{status}{resumed}GaripovNet (zoo `garipov-fashion`, trained on {TRAIN_SUBSET} images for 2 epochs, seed {SEED});
+{status}{resumed}{measured}GaripovNet (zoo `garipov-fashion`, trained on {TRAIN_SUBSET} images for 2 epochs, seed {SEED});
 dense accuracy {dense_acc:.4f} on the first {EVAL_SIZE} test images. Compressed: conv2..conv6 (first
 conv and classifier dense), allocator uniform; "keep" = fraction of those convs' parameters.
 compress got an example batch of {EXAMPLE_BATCH} test images, so "auto" measured each option's CPU

@@ -28,7 +28,6 @@ from tensorslim.compressors._tensor import chain_flops
 from tensorslim.core import (
     Component,
     LayerSite,
-    LayerTarget,
     build_layer,
     get_compressor,
     handler_for,
@@ -45,9 +44,13 @@ class _Method:
 
     def rank_for_keep(self, _dense: nn.Module, keep: float):
         if self.comp.form == "layer":
-            target = LayerTarget("", self.dense, self.site, self.handler)
-        else:
-            target = matrix_targets(self.dense, self.handler, self.site)[""]
+            # a keep of the layer, bias included (as compress counts it and as this benchmark did
+            # before the redesign); Compressor.for_keep would budget the kernel alone
+            bias = self.dense.bias
+            extra = 0 if bias is None else bias.numel()
+            r = self.comp.rank_for_keep(tuple(self.dense.weight.shape), keep, extra)
+            return tuple(r) if isinstance(r, list) else r
+        target = matrix_targets(self.dense, self.handler, self.site)[""]
         p = self.comp.for_keep(target, keep)
         if p is None:
             return None
@@ -61,6 +64,7 @@ class _Method:
 
 def find(dense: nn.Module, method: str) -> _Method:
     return _Method(dense, method)
+
 
 SEED = 0
 BATCH = 32

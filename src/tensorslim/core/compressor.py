@@ -153,7 +153,8 @@ class Compressor:
 
     def for_keep(self, target: Target, keep: float) -> dict[str, Any] | None:
         """The largest grid entry whose parameters are at most `keep` times the dense target's
-        (None if none): what the uniform allocator and `rank_for_keep` pick."""
+        (None if none), bias excluded (compress's allocators count a layer's bias in its first
+        unit, so their rank at the same keep can be lower by one)."""
         from tensorslim.core.cost import dense_cost
 
         limit = keep * dense_cost(target).params
