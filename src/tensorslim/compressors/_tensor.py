@@ -11,10 +11,16 @@ count them: a grid rank lands just under its keep of the whole layer.
 
 The error of an iterative or multi-rank decomposition is only known after computing it, so CP and
 TT are evaluated on a coarse grid of keeps (`GRID`, 12 values from 0.02 to 0.9 that include 0.1,
-0.25, 0.5 and 0.75; kernels above `BIG_KERNEL` elements use `BIG_GRID`, 6 values, to bound CP's
-time). Ranks from a keep land just under it (see decompose.tensor._largest_rho). Decompositions are
-cached (by kernel content, kind, rank and options; `CACHE_SIZE` entries) so that building the
-chosen proposal does not recompute it.
+0.25, 0.5 and 0.75; kernels above `BIG_KERNEL` elements that take the exact path use `BIG_GRID`, 6
+values, to bound CP's time). Ranks from a keep land just under it (see
+decompose.tensor._largest_rho). Decompositions are cached (by kernel content, kind, rank and
+options; `CACHE_SIZE` entries) so that building the chosen proposal does not recompute it.
+
+Large kernels (`is_large`: at least `LARGE_KERNEL` entries; for CP, see cp.py) take the fast paths
+of decompose.large: the channel Gram matrices of a kernel are computed once (`kernel_grams`,
+cached by content with the other per-kernel analyses, `ANALYSIS_SIZE` entries) and give the
+Tucker-2 and TT error curves in closed form at every rank and the CP proxy curve, so every kind
+proposes the full `GRID` there.
 
 1x1 convolutions are matrices: every tensor method falls back to the matrix SVD ("lowrank") there,
 and so does a tensor method on a layer that is not a Conv1d / Conv2d (a Linear, a Conv3d).
@@ -37,7 +43,8 @@ from torch import nn
 from tensorslim.compressors._factors import refuse_overflow
 from tensorslim.core.compressor import Compressor, Cost, dtype_bits
 from tensorslim.core.target import LayerTarget
-from tensorslim.decompose.tensor import Decomposition, compute_dtype
+from tensorslim.decompose import large
+from tensorslim.decompose.tensor import Decomposition, _check_kernel, compute_dtype
 from tensorslim.errors import is_int, short_repr
 from tensorslim.layers.tensor_conv import ConvGeometry, FactorizedConv
 
@@ -47,12 +54,19 @@ GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9)
 BIG_GRID = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
 BIG_KERNEL = 1_000_000
 CACHE_SIZE = 256
+# Kernels with at least this many entries take decompose.large's fast paths (Tucker-2, TT, spatial;
+# CP decides by entries x rank, see cp.CP_FAST_SIZE). Smaller kernels keep the exact TensorLy path.
+LARGE_KERNEL = 1 << 18
+ANALYSIS_SIZE = 8
+# Decompositions and proposals of kernels off the fast path run on one thread (see `_computed`).
+SMALL_ON_ONE_THREAD = True
 # The largest keep below 1: the bound of "stores fewer parameters than dense".
 BELOW_DENSE = 1.0 - 1e-9
 # The matrix compressor a tensor method falls back to, and its user-facing method name.
 FALLBACK_KIND, FALLBACK_METHOD = "lowrank", "svd"
 
 _CACHE: OrderedDict[tuple, Decomposition] = OrderedDict()
+_ANALYSIS: OrderedDict[tuple, Any] = OrderedDict()
 
 
 # -- rank forms -----------------------------------------------------------------------------------
@@ -90,8 +104,9 @@ def fingerprint(w: torch.Tensor) -> str:
 
 
 def clear_cache() -> None:
-    """Forget cached decompositions."""
+    """Forget cached decompositions and kernel analyses."""
     _CACHE.clear()
+    _ANALYSIS.clear()
 
 
 def cached(key: tuple, compute: Any) -> Decomposition:
@@ -105,6 +120,33 @@ def cached(key: tuple, compute: Any) -> Decomposition:
     else:
         _CACHE.move_to_end(key)
     return dec
+
+
+def is_large(shape: tuple[int, ...]) -> bool:
+    """True for a kernel that takes decompose.large's fast paths (>= LARGE_KERNEL entries)."""
+    return math.prod(shape) >= LARGE_KERNEL
+
+
+def analysis(kernel: torch.Tensor, name: str, compute: Any) -> Any:
+    """`compute(k)` of the prepared kernel k (float32 / float64 on the CPU, finite), cached under
+    (name, kernel content) (LRU, ANALYSIS_SIZE entries)."""
+    key = (name, fingerprint(kernel))
+    value = _ANALYSIS.get(key)
+    if value is None:
+        value = compute(_check_kernel(kernel))
+        _ANALYSIS[key] = value
+        while len(_ANALYSIS) > ANALYSIS_SIZE:
+            _ANALYSIS.popitem(last=False)
+    else:
+        _ANALYSIS.move_to_end(key)
+    return value
+
+
+def kernel_grams(kernel: torch.Tensor) -> dict[int, torch.Tensor]:
+    """{mode: K_(mode) K_(mode)^T} (float64) of every mode of the kernel, cached."""
+    return analysis(
+        kernel, "grams", lambda k: {m: large.gram(large.unfold(k, m)) for m in range(k.ndim)}
+    )
 
 
 # -- costs ----------------------------------------------------------------------------------------
@@ -154,6 +196,10 @@ class TensorConvCompressor(Compressor):
         """The kernel (out, in, *k) of a decomposition's factors."""
         raise NotImplementedError
 
+    def fast(self, shape: tuple[int, ...]) -> bool:
+        """True where this kind takes decompose.large's fast path on a kernel of `shape`."""
+        return is_large(shape)
+
     # -- ranks ----------------------------------------------------------------------------------
     def rank_for_keep(self, shape: tuple[int, ...], keep: float, extra: int = 0) -> Rank | None:
         """The largest rank within keep of the layer's parameters (kernel plus `extra`, the bias:
@@ -166,7 +212,8 @@ class TensorConvCompressor(Compressor):
     def ranks(self, shape: tuple[int, ...], extra: int = 0) -> list[Rank]:
         """Distinct ranks of the keep grid (keeps of the layer: kernel plus `extra`, the bias), by
         rising cost, all strictly below the dense cost."""
-        keeps = BIG_GRID if math.prod(shape) > BIG_KERNEL else self.keeps
+        big = math.prod(shape) > BIG_KERNEL and not self.fast(shape)
+        keeps = BIG_GRID if big else self.keeps
         dense = math.prod(shape)
         out: list[Rank] = []
         for keep in keeps:
@@ -259,7 +306,22 @@ class TensorConvCompressor(Compressor):
         """The decomposition of `kernel` at `rank`, from the cache when possible."""
         rank = normalize_rank(rank)
         key = (self.kind, fingerprint(kernel), rank, _options_key(self.options))
-        return cached(key, lambda: self._decompose(kernel.detach(), rank))
+        return cached(key, lambda: self._computed(kernel.detach(), rank))
+
+    def _computed(self, kernel: torch.Tensor, rank: Rank) -> Decomposition:
+        """`_decompose`; on a kernel off the fast path on one thread (its many small LAPACK
+        calls ran 15x slower on 2 threads of a shared CPU, with the same results)."""
+        if self.fast(tuple(kernel.shape)) or not SMALL_ON_ONE_THREAD:
+            return self._decompose(kernel, rank)
+        with large.one_thread():
+            return self._decompose(kernel, rank)
+
+    def proposals(self, target: Any, objective: str | None = None) -> list:
+        """Compressor.proposals; off the fast path on one thread (see `_computed`)."""
+        if self.fast(_shape(target.handler, target.module)) or not SMALL_ON_ONE_THREAD:
+            return super().proposals(target, objective)
+        with large.one_thread():
+            return super().proposals(target, objective)
 
     def project(self, weight: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
         """The kernel reconstructed from the decomposition at params["rank"] (same shape, dtype

@@ -5,6 +5,8 @@ r->out. Rank: an integer r; parameters r(in kh + out kw).
 
 Every rank's error is exact from M's singular values (Eckart-Young), so the grid lists every useful
 rank. On a Conv1d (one spatial axis) the spatial SVD is the matrix SVD: it falls back to "lowrank".
+Large kernels (`_tensor.is_large`) get M's singular values and its SVD QR-first with the small
+factorization on one thread (decompose.large), cached per kernel: the same values, in seconds.
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ from tensorslim.compressors._tensor import (
     FALLBACK_KIND,
     Rank,
     TensorConvCompressor,
+    analysis,
     is_conv,
     normalize_rank,
 )
 from tensorslim.core.compressor import register_compressor
 from tensorslim.core.target import LayerTarget
+from tensorslim.decompose import large
 from tensorslim.decompose.tensor import (
     Decomposition,
+    _check_kernel,
+    _rel_error,
     spatial_svd,
     spatial_svd_errors,
     spatial_svd_params,
@@ -83,7 +89,20 @@ class SpatialCompressor(TensorConvCompressor):
         )
 
     def _decompose(self, kernel: torch.Tensor, rank: Rank) -> Decomposition:
-        return spatial_svd(kernel, int(rank))
+        if not self.fast(tuple(kernel.shape)) or self.check_rank(tuple(kernel.shape), rank):
+            return spatial_svd(kernel, int(rank))
+        u, s, vh = analysis(kernel, "spatial_svd", lambda k: large.thin_svd(_matrix(k)))
+        k = _check_kernel(kernel)
+        out, inp, kh, kw = k.shape
+        r = int(rank)
+        v = (u[:, :r] * s[:r].sqrt()).to(k.dtype)  # (in*kh, r)
+        h = (s[:r].sqrt()[:, None] * vh[:r]).to(k.dtype)  # (r, out*kw)
+        vertical = v.reshape(inp, kh, r).permute(2, 0, 1).unsqueeze(-1).contiguous()
+        horizontal = h.reshape(r, out, kw).permute(1, 0, 2).unsqueeze(2).contiguous()
+        s2 = s**2
+        tail = float(s2[r:].sum() / s2.sum()) if float(s.sum()) > 0 else 0.0
+        rel = _rel_error(k, spatial_svd_reconstruct(vertical, horizontal))
+        return Decomposition("spatial_svd", r, [vertical, horizontal], rel, info={"tail": tail})
 
     def _reconstruct(self, factors: list[torch.Tensor]) -> torch.Tensor:
         return spatial_svd_reconstruct(*factors)
@@ -94,8 +113,29 @@ class SpatialCompressor(TensorConvCompressor):
         """Exact errors of every rank from one SVD (objective "weight")."""
         if objective != "weight":
             return super().errors(target, grid, objective)
-        errs = spatial_svd_errors(target.handler.kernel(target.module)).tolist()
+        errs = self._errors(target.handler.kernel(target.module)).tolist()
         return [errs[normalize_rank(p["rank"])] for p in grid]
 
     def weight_error(self, kernel: torch.Tensor, rank: Rank) -> float:
-        return float(spatial_svd_errors(kernel)[int(rank)])
+        return float(self._errors(kernel)[int(rank)])
+
+    def _errors(self, kernel: torch.Tensor) -> torch.Tensor:
+        if not self.fast(tuple(kernel.shape)) or kernel.ndim != 4:
+            return spatial_svd_errors(kernel)
+        return analysis(kernel, "spatial_errors", lambda k: tail_energy(_matrix(k)))
+
+
+def _matrix(k: torch.Tensor) -> torch.Tensor:
+    """M[(i, h), (o, w)] = K[o, i, h, w] (float64)."""
+    out, inp, kh, kw = k.shape
+    return k.permute(1, 2, 0, 3).reshape(inp * kh, out * kw).to(torch.float64)
+
+
+def tail_energy(m: torch.Tensor) -> torch.Tensor:
+    """Relative squared error of the truncated SVD of `m` at every rank 0..full."""
+    s2 = large.singular_values(m) ** 2
+    total = s2.sum()
+    if total == 0:
+        return torch.zeros(s2.numel() + 1, dtype=torch.float64)
+    tail = torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0])
+    return torch.cat([tail, torch.zeros(1, dtype=torch.float64)]) / total

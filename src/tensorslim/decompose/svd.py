@@ -13,6 +13,9 @@ import math
 
 import torch
 
+from tensorslim.decompose.large import singular_values as _large_singular_values
+from tensorslim.decompose.large import thin_svd
+
 # Rule for choosing the randomized SVD automatically (documented in README "Decompositions"):
 # use it when the smaller side of W is at least RANDOMIZED_MIN_DIM and the requested rank is at most
 # RANDOMIZED_MAX_FRACTION of that side. Below that size the exact LAPACK SVD is fast enough (a
@@ -20,6 +23,12 @@ import torch
 # range finder costs O(mn(r + p)) instead of O(mn min(m, n)).
 RANDOMIZED_MIN_DIM = 1024
 RANDOMIZED_MAX_FRACTION = 0.25
+# Matrices with at least this many entries get their exact SVD and singular values QR-first with
+# the small factorization on one thread (decompose.large.thin_svd / singular_values): the same
+# values; LAPACK's direct SVD of a 1024 x 16384 matrix took 45 s (float64) / 28 s (singular values,
+# float32) on 2 threads of a CPU shared with other jobs, the QR route 1-2 s (on an idle machine
+# both take a few seconds; benchmarks/compress_speed.py).
+LARGE_MATRIX = 1 << 18
 
 
 def full_rank(m: int, n: int) -> int:
@@ -76,6 +85,8 @@ def svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _svd64(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if w.numel() >= LARGE_MATRIX and w.device.type == "cpu":
+        return thin_svd(w.detach())
     return torch.linalg.svd(w.detach().to(torch.float64), full_matrices=False)
 
 
@@ -83,9 +94,12 @@ def singular_values(w: torch.Tensor) -> torch.Tensor:
     """All singular values of W, non-increasing, as float64 (k,), k = min(m, n).
 
     Computed in float64 below RANDOMIZED_MIN_DIM and in float32 above it, where float64 would take
-    several times longer for no difference that matters to rank selection.
+    several times longer for no difference that matters to rank selection; matrices of at least
+    LARGE_MATRIX entries in float64 through a QR (decompose.large.singular_values), faster still.
     """
     _check_matrix(w)
+    if w.numel() >= LARGE_MATRIX and w.device.type == "cpu":
+        return _large_singular_values(w.detach())
     dtype = torch.float64 if min(w.shape) < RANDOMIZED_MIN_DIM else torch.float32
     return torch.linalg.svdvals(w.detach().to(dtype)).to(torch.float64)
 
