@@ -155,6 +155,15 @@ def _numbered(batches: Iterable[Any]) -> Iterator[tuple[int, Any]]:
         raise TensorSlimError(
             f"calibration must be an iterable of batches, got {type(batches).__name__}"
         ) from None
+    yield from numbered(it, lambda i: f"{batch_name(i)} from the calibration data")
+
+
+def numbered(
+    batches: Iterable[Any], where: Callable[[int], str]
+) -> Iterator[tuple[int, Any]]:
+    """(index, batch) pairs of `batches`; an exception raised while reading batch i becomes a
+    TensorSlimError "reading {where(i)} raised ..." (a TensorSlimError passes as is)."""
+    it = iter(batches)
     index = 0
     while True:
         try:
@@ -165,8 +174,7 @@ def _numbered(batches: Iterable[Any]) -> Iterator[tuple[int, Any]]:
             raise
         except Exception as exc:
             raise TensorSlimError(
-                f"reading {batch_name(index)} from the calibration data raised "
-                f"{type(exc).__name__}: {exc}"
+                f"reading {where(index)} raised {type(exc).__name__}: {exc}"
             ) from exc
         yield index, batch
         index += 1

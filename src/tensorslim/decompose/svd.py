@@ -13,8 +13,8 @@ import math
 
 import torch
 
+from tensorslim.decompose.large import one_thread, thin_svd
 from tensorslim.decompose.large import singular_values as _large_singular_values
-from tensorslim.decompose.large import thin_svd
 
 # Rule for choosing the randomized SVD automatically (documented in README "Decompositions"):
 # use it when the smaller side of W is at least RANDOMIZED_MIN_DIM and the requested rank is at most
@@ -85,9 +85,12 @@ def svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _svd64(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if w.numel() >= LARGE_MATRIX and w.device.type == "cpu":
+    if w.device.type != "cpu":
+        return torch.linalg.svd(w.detach().to(torch.float64), full_matrices=False)
+    if w.numel() >= LARGE_MATRIX:
         return thin_svd(w.detach())
-    return torch.linalg.svd(w.detach().to(torch.float64), full_matrices=False)
+    with one_thread():  # small LAPACK calls: see decompose.large.one_thread
+        return torch.linalg.svd(w.detach().to(torch.float64), full_matrices=False)
 
 
 def singular_values(w: torch.Tensor) -> torch.Tensor:
@@ -96,12 +99,16 @@ def singular_values(w: torch.Tensor) -> torch.Tensor:
     Computed in float64 below RANDOMIZED_MIN_DIM and in float32 above it, where float64 would take
     several times longer for no difference that matters to rank selection; matrices of at least
     LARGE_MATRIX entries in float64 through a QR (decompose.large.singular_values), faster still.
+    On the CPU the factorization runs on one thread (decompose.large.one_thread).
     """
     _check_matrix(w)
     if w.numel() >= LARGE_MATRIX and w.device.type == "cpu":
         return _large_singular_values(w.detach())
     dtype = torch.float64 if min(w.shape) < RANDOMIZED_MIN_DIM else torch.float32
-    return torch.linalg.svdvals(w.detach().to(dtype)).to(torch.float64)
+    if w.device.type != "cpu":
+        return torch.linalg.svdvals(w.detach().to(dtype)).to(torch.float64)
+    with one_thread():  # small LAPACK calls: see decompose.large.one_thread
+        return torch.linalg.svdvals(w.detach().to(dtype)).to(torch.float64)
 
 
 def randomized_svd(

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from tensorslim._nested import tensors_in
+from tensorslim.calibrate.collect import numbered
 from tensorslim.core.modes import eval_mode, kept_modes
 from tensorslim.errors import ExampleInputError, TensorSlimError, WeightFileError, is_int
 from tensorslim.plan import Plan
@@ -293,22 +294,7 @@ def _chain(first: list[Any], rest: Iterator[Any]) -> Iterator[Any]:
 
 def _read(stream: Iterable[Any], epoch: int) -> Iterator[tuple[int, Any]]:
     """(index, batch) pairs; an error raised while reading the data names the batch."""
-    it = iter(stream)
-    index = 0
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except TensorSlimError:
-            raise
-        except Exception as exc:
-            raise TensorSlimError(
-                f"reading batch {index} of epoch {epoch + 1} from the data raised "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        yield index, batch
-        index += 1
+    return numbered(stream, lambda i: f"batch {i} of epoch {epoch + 1} from the data")
 
 
 def _fingerprint(batches: list[Any]) -> list[list[Any]]:
