@@ -21,6 +21,7 @@ from tensorslim._nested import tensors_in
 from tensorslim._progress import track
 from tensorslim._version import __version__
 from tensorslim.calibrate.attach import attach, check_objective, peek
+from tensorslim.calibrate.sequential import as_batches, sequential_materialize
 from tensorslim.core.compressor import option_names
 from tensorslim.core.cost import COST_MODELS
 from tensorslim.core.discover import LayerInfo, find_layers, run_model, trace_sites
@@ -117,6 +118,7 @@ def compress(
     loss: Any = None,
     objective: str | None = None,
     method_options: dict[str, Any] | None = None,
+    sequential: bool = False,
 ) -> tuple[nn.Module, Plan]:
     """Compress `model`'s layers so that a fraction `keep` of their cost remains.
 
@@ -139,6 +141,13 @@ def compress(
     options, e.g. {"solver": "als", "iters": 30} for fvd, {"damp": 1e-6} for whitened (an unknown
     option is an error listing the compressor's options).
 
+    sequential (needs calibration): build the layers in execution order, each from the inputs the
+    already compressed earlier layers give it, with the output-side factor refit in closed form
+    so the layer reproduces the original layer's outputs (a whitened layer solves for them
+    directly). The ranks are allocated first, from the original model's statistics; the
+    calibration batches are then kept as a list and run twice per group of layers that share
+    an input (see tensorslim.calibrate.sequential).
+
     A module used at several places is compressed once and stays shared; a layer whose weight is
     tied to a module that stays dense (a language model's head tied to its embedding) stays dense.
     A model that is itself one layer (`nn.Linear(64, 64)`) is compressed as a whole: the returned
@@ -156,7 +165,13 @@ def compress(
     compressor = method_compressor(method, method_options)  # before any batch is read
     method = compressor.method  # a kind given as method ("lowrank") is recorded by its name
     example_given = example_input is not None
+    if not isinstance(sequential, bool):
+        raise TensorSlimError(f"sequential must be True or False; got {sequential!r}")
+    if sequential and calibration is None:
+        raise TensorSlimError("sequential=True needs calibration data: pass calibration=batches")
     batches, example_input = peek(calibration, example_input)
+    if sequential:
+        batches = as_batches(batches)  # read once per group of layers
     _check_example_input(example_input)
     if COST_MODELS[cost].needs_input and example_input is None:
         what = "FLOPs" if cost == "flops" else "CPU latency"
@@ -188,10 +203,15 @@ def compress(
     selection = allocate(units, keep, allocator)
     # 6. materialize
     jobs = layer_jobs(layers, units, selection)
-    compressed = materialize(
-        model, jobs.values(), handler_of=handler_for, options=options,
-        progress=lambda xs: track(xs, "Factorizing", progress),
-    )
+    if sequential:
+        compressed, data_meta["sequential"] = sequential_materialize(
+            model, layers, jobs, batches, options=options, progress=progress
+        )
+    else:
+        compressed = materialize(
+            model, jobs.values(), handler_of=handler_for, options=options,
+            progress=lambda xs: track(xs, "Factorizing", progress),
+        )
     # 7. account
     plan = _account(
         model, compressed, layers, jobs, units, selection,

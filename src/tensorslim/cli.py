@@ -380,6 +380,12 @@ def compress_cmd(
         help="What the allocator minimises per layer: weight, feature (output error on "
         "--calibration) or fisher (needs a loss: Python API only); default per method.",
     ),
+    sequential: bool = typer.Option(
+        False,
+        "--sequential/--no-sequential",
+        help="With --calibration: build the layers in execution order, each from the inputs the "
+        "compressed earlier layers give it, refitting each to the original outputs.",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
 ) -> None:
     """Compress a model to a budget and save plan.json + model.safetensors."""
@@ -390,6 +396,8 @@ def compress_cmd(
     keep_value = _parse_keep(keep)
     spec_arg = model or model_arg
     _check_data_needs(method, objective, calibration)
+    if sequential and calibration is None:
+        raise TensorSlimError("--sequential needs --calibration FILE")
     check_output_dir(
         out,
         [
@@ -421,6 +429,7 @@ def compress_cmd(
         progress=True,
         calibration=batches,
         objective=objective,
+        sequential=sequential,
     )
     # a hint for `export`, which rebuilds zoo models only: other specs would run code
     plan.meta["model_spec"] = spec if spec in zoo.ZOO else None

@@ -56,6 +56,11 @@ class LayerStats:
     inputs: list[torch.Tensor] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
     parts: dict[str, LayerStats] = field(default_factory=dict)
+    # Sequential calibration (calibrate/sequential.py): `gram` is then X~^T X~ of the inputs X~
+    # the partly compressed model gives this matrix, `cross` X^T X~ with the inputs X the original
+    # model gives it on the same rows, and `source_gram` X^T X (all n x n, float64).
+    cross: torch.Tensor | None = None
+    source_gram: torch.Tensor | None = None
     # Factorizations computed from these statistics during one compress call, reused between the
     # proposals and the final build (keyed by the compressor).
     cache: dict = field(default_factory=dict, repr=False, compare=False)

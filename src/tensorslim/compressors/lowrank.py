@@ -21,15 +21,18 @@ from tensorslim.compressors._factors import (
     Factors,
     OptionSpec,
     check_options,
+    is_sequential,
     layer_errors,
     matrix_view,
     nested_svd,
     objective_errors,
     objective_of,
     output_facts,
+    refit_outer,
     refuse_overflow,
     require_stats,
     risk_facts,
+    sequential_facts,
 )
 from tensorslim.core.compressor import (
     Compressor,
@@ -158,10 +161,18 @@ class LowRank(Compressor):
     ) -> tuple[nn.Module, dict[str, Any]]:
         r = _rank(params)
         w = target_weight(target)
+        st = target.stats
         with layer_errors(self.method, target):
-            a, b = truncated_svd(w, r, method=self._svd_method())  # cast to W's dtype
-        op = LowRankLinear.from_factors(a, b, None)
-        return refuse_overflow(op, target, self.method, r), {}
+            if not is_sequential(st):
+                a, b = truncated_svd(w, r, method=self._svd_method())  # cast to W's dtype
+                return refuse_overflow(LowRankLinear.from_factors(a, b, None), target, self.method, r), {}
+            # sequential calibration: the SVD's input-side factor, the output-side factor refit
+            # to the original outputs (compressors/_factors.refit_outer)
+            a, b = truncated_svd(w.detach().to(torch.float64), r, method=self._svd_method())
+            a = refit_outer(w, st, b)
+            facts = sequential_facts(w, st, a @ b)
+        op = LowRankLinear.from_factors(*cast_factors(a, b, w.dtype), None)
+        return refuse_overflow(op, target, self.method, r), facts
 
     def empty(self, target: MatrixTarget, params: Mapping[str, Any]) -> nn.Module:
         m, n = target.shape
@@ -227,7 +238,15 @@ class DataAwareLowRank(LowRank):
         w = target_weight(target)
         with layer_errors(self.method, target):
             st = require_stats(target.stats, self.method, self.needs, target.label)
-            a, b, facts = self.solve(w, st, r)
+            damp = getattr(self.options, "damp", 0.0)
+            if is_sequential(st):
+                # sequential calibration: this kind's input-side factor (a whitened one under
+                # the compressed model's inputs), the output-side factor refit to the original
+                # outputs (compressors/_factors.refit_outer)
+                a, b, facts = self.solve(w, st, r)
+                a = refit_outer(w, st, b, damp)
+            else:
+                a, b, facts = self.solve(w, st, r)
             w_hat = a @ b
             facts.update(risk_facts(w, st, r, w_hat, getattr(self.options, "eps", 1e-6)))
             facts.update(output_facts(w, st, w_hat))

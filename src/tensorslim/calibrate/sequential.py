@@ -1,0 +1,252 @@
+"""Sequential calibration: build the compressed model layer group by layer group in execution
+order, each group from the inputs the already compressed earlier layers give it.
+
+For every matrix of a group's layers, the calibration batches run through the original model and
+through the partly compressed model in turn; the rows X (original) and X~ (compressed model) of
+the same batch are paired, and three n x n Grams are summed in float64 (G~ = X~^T X~,
+C = X^T X~, G = X^T X). Nothing else is kept: the rows of one batch and one group live only until
+the batch's Grams are added. The group's layers are then built from those statistics
+(compressors/_factors: a whitened layer is whitened by G~, and the output-side factor of every
+low-rank layer is refit in closed form so that the layer reproduces the original outputs W X^T
+from X~; whole-layer compressors such as Tucker-2 see G~ as their Gram) and set into the
+compressed model before the next group is calibrated.
+
+A group is the layers that read the very same input tensor (q, k and v projections of an
+attention block): none of them changes another's input, so one pass serves them all. Cost: two
+forward passes over the calibration data per group.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from tensorslim._progress import track
+from tensorslim.calibrate.collect import (
+    LayerStats,
+    _all_finite,
+    _nonfinite_inputs_error,
+    batch_name,
+    numbered,
+)
+from tensorslim.core.discover import LayerInfo, run_model
+from tensorslim.core.materialize import LayerJob, Options, build_layer
+from tensorslim.core.modes import eval_mode
+from tensorslim.core.surgery import get_submodule, replace_at
+from tensorslim.errors import TensorSlimError
+
+_HINT = "; calibration batches must be model inputs"
+
+
+def as_batches(calibration: Iterable[Any]) -> list[Any]:
+    """The calibration batches as a list (sequential calibration reads them once per group);
+    an error while reading names the batch."""
+    if isinstance(calibration, (list, tuple)):
+        return list(calibration)
+    return [b for _, b in numbered(calibration, lambda i: f"{batch_name(i)} from the calibration data")]
+
+
+def execution_groups(model: nn.Module, layers: Sequence[LayerInfo], batch: Any) -> list[list[str]]:
+    """Names of `layers` in the order the model first calls them on `batch`, grouped where
+    consecutive layers read the same input tensor. Layers not called are left out."""
+    order: list[tuple[str, Any]] = []
+    seen: set[str] = set()
+
+    def hook(name: str):
+        def fn(_mod, args, kwargs, _out):
+            if name in seen:
+                return
+            seen.add(name)
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            key = (
+                (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+                if isinstance(x, torch.Tensor)
+                else None
+            )
+            order.append((name, key))
+
+        return fn
+
+    hooks = [
+        info.module.register_forward_hook(hook(info.name), with_kwargs=True) for info in layers
+    ]
+    try:
+        run_model(model, batch, batch_name(0), _HINT)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    last_key: Any = None
+    for name, key in order:
+        if groups and key is not None and key == last_key:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_key = key
+    return groups
+
+
+class _Pairing:
+    """Hooks pairing each matrix's rows in the original and the compressed model, batch by
+    batch: the original model's run queues the rows, the compressed model's run consumes them."""
+
+    def __init__(self, infos: dict[str, LayerInfo]) -> None:
+        self.infos = infos
+        self.queue: dict[tuple[str, str], list[torch.Tensor]] = {}
+        self.stats: dict[str, LayerStats] = {}
+        for name, info in infos.items():
+            st = LayerStats()
+            for p in info.handler.weight_parameters(info.module):
+                if p:
+                    st.parts[p] = LayerStats()
+            self.stats[name] = st
+        self.index, self.batch = 0, None
+
+    def source_hook(self, name: str, module: nn.Module):
+        handler = self.infos[name].handler
+
+        def fn(_mod, args, kwargs, output):
+            for part, x in handler.rows(module, args, kwargs, output).items():
+                self.queue.setdefault((name, part), []).append(x.detach())
+
+        return fn
+
+    def target_hook(self, name: str, module: nn.Module):
+        handler = self.infos[name].handler
+
+        def fn(_mod, args, kwargs, output):
+            for part, xt in handler.rows(module, args, kwargs, output).items():
+                queued = self.queue.get((name, part))
+                if not queued:
+                    raise TensorSlimError(
+                        f"sequential calibration: layer {name!r} ran more often in the compressed "
+                        f"model than in the original on {batch_name(self.index)}"
+                    )
+                x = queued.pop(0)
+                if x.shape != xt.shape:
+                    raise TensorSlimError(
+                        f"sequential calibration: the inputs of layer {name!r} differ in shape "
+                        f"between the original ({tuple(x.shape)}) and the compressed model "
+                        f"({tuple(xt.shape)}) on {batch_name(self.index)}"
+                    )
+                self._add(name, part, x, xt)
+
+        return fn
+
+    def _add(self, name: str, part: str, x: torch.Tensor, xt: torch.Tensor) -> None:
+        st = self.stats[name].part(part)
+        x64, xt64 = x.to(torch.float64), xt.to(torch.float64)
+        gt = xt64.T @ xt64
+        if not _all_finite(gt):
+            raise _nonfinite_inputs_error(name, part, self.index, self.batch, xt)
+        g = x64.T @ x64
+        c = x64.T @ xt64
+        if st.gram is None:
+            st.gram, st.source_gram, st.cross = gt, g, c
+        else:
+            st.gram.add_(gt)
+            st.source_gram.add_(g)
+            st.cross.add_(c)
+        st.rows += x64.shape[0]
+
+
+def paired_stats(
+    original: nn.Module,
+    current: nn.Module,
+    infos: dict[str, LayerInfo],
+    batches: Sequence[Any],
+) -> dict[str, LayerStats]:
+    """Sequential statistics of each layer in `infos` (named as in both models): gram (the
+    compressed model's inputs), source_gram (the original's) and cross, per matrix part."""
+    pairing = _Pairing(infos)
+    for index, batch in enumerate(batches):
+        pairing.index, pairing.batch = index, batch
+        for model, make in ((original, pairing.source_hook), (current, pairing.target_hook)):
+            mods = {name: get_submodule(model, name) for name in infos}
+            hooks = [m.register_forward_hook(make(n, m), with_kwargs=True) for n, m in mods.items()]
+            try:
+                run_model(model, batch, batch_name(index), _HINT)
+            finally:
+                for h in hooks:
+                    h.remove()
+        left = [k for k, v in pairing.queue.items() if v]
+        if left:
+            raise TensorSlimError(
+                f"sequential calibration: layer {left[0][0]!r} ran more often in the original "
+                f"model than in the compressed one on {batch_name(index)}"
+            )
+    return pairing.stats
+
+
+def _with_stats(st: LayerStats, seq: LayerStats) -> LayerStats:
+    """The layer's statistics with the sequential Grams in place of the original Gram (the
+    Fisher estimate and the samples stay those of the original model)."""
+
+    def one(orig: LayerStats | None, new: LayerStats) -> LayerStats:
+        base = orig if orig is not None else LayerStats()
+        return dataclasses.replace(
+            base, gram=new.gram, rows=new.rows, cross=new.cross, source_gram=new.source_gram,
+            parts={}, cache={},
+        )
+
+    out = one(st, seq)
+    out.parts = {p: one(st.parts.get(p) if st else None, s) for p, s in seq.parts.items()}
+    return out
+
+
+def sequential_materialize(
+    model: nn.Module,
+    layers: Sequence[LayerInfo],
+    jobs: dict[str, LayerJob],
+    batches: Sequence[Any],
+    *,
+    options: Options | None = None,
+    progress: bool = False,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A copy of `model` with every job's layer replaced, group by group in execution order, each
+    built from sequential statistics; and facts for the plan's meta. The original model is not
+    modified (both run in eval mode; the caller restores modes)."""
+    out = copy.deepcopy(model)
+    todo = [info for info in layers if info.compressible and jobs.get(info.name) and jobs[info.name].spec]
+    by_name = {info.name: info for info in todo}
+    plain: list[str] = []  # layers whose rows cannot be collected: built from the original stats
+    for info in todo:
+        if info.handler.calibration_reason(info.module) is not None:
+            plain.append(info.name)
+    with eval_mode(model):
+        groups = execution_groups(
+            model, [by_name[n] for n in by_name if n not in plain], batches[0]
+        )
+    grouped = {name for g in groups for name in g}
+    plain += [name for name in by_name if name not in grouped and name not in plain]
+    passes = 0
+    for group in track(groups, "Sequential calibration", progress):
+        infos = {name: by_name[name] for name in group}
+        with eval_mode(model), eval_mode(out):
+            seq = paired_stats(model, out, infos, batches)
+        passes += 1
+        for name, info in infos.items():
+            job = jobs[name]
+            stats = _with_stats(info.site.stats, seq[name])
+            site = dataclasses.replace(info.site, stats=stats)
+            module = get_submodule(out, name)
+            new, facts = build_layer(module, info.handler, job.spec, site, options=options)
+            job.facts.update(facts)
+            out = replace_at(out, job.names, new)
+    for name in plain:  # no calibration view, or not called on the first batch
+        job = jobs[name]
+        info = by_name[name]
+        module = get_submodule(out, name)
+        new, facts = build_layer(module, info.handler, job.spec, info.site, options=options)
+        job.facts.update(facts)
+        out = replace_at(out, job.names, new)
+    meta = {"groups": len(groups), "passes": 2 * passes * len(batches), "layers": len(todo)}
+    if plain:
+        meta["not_sequential"] = plain
+    return out, meta
+
