@@ -240,3 +240,27 @@ def test_cli_sequential(tmp_path):
     plan = json.loads((tmp_path / "o2" / "plan.json").read_text())
     assert plan["meta"]["sequential"]["layers"] >= 1
     assert any("rel_output_error" in lp.get("extra", {}) for lp in plan["layers"] if lp["spec"])
+
+
+class _Counter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+def test_passes_stop_after_the_group():
+    """A pass over the original model ends once the group's layers ran: the modules after the
+    last compressed layer never run during the sequential passes (only in the trace)."""
+    torch.manual_seed(0)
+    counter = _Counter()
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), counter)
+    data = _data()
+    tensorslim.compress(model, 0.5, method="svd", calibration=data)
+    plain = counter.calls
+    counter.calls = 0
+    tensorslim.compress(model, 0.5, method="svd", calibration=data, sequential=True)
+    assert counter.calls == plain + 1  # the grouping trace on batch 0

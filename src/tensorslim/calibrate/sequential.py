@@ -51,14 +51,19 @@ def as_batches(calibration: Iterable[Any]) -> list[Any]:
     return [b for _, b in numbered(calibration, lambda i: f"{batch_name(i)} from the calibration data")]
 
 
-def execution_groups(model: nn.Module, layers: Sequence[LayerInfo], batch: Any) -> list[list[str]]:
+def execution_groups(
+    model: nn.Module, layers: Sequence[LayerInfo], batch: Any, calls: dict[str, int] | None = None
+) -> list[list[str]]:
     """Names of `layers` in the order the model first calls them on `batch`, grouped where
-    consecutive layers read the same input tensor. Layers not called are left out."""
+    consecutive layers read the same input tensor. Layers not called are left out. `calls`, if
+    given, receives how often each layer ran."""
     order: list[tuple[str, Any]] = []
     seen: set[str] = set()
+    counts = calls if calls is not None else {}
 
     def hook(name: str):
         def fn(_mod, args, kwargs, _out):
+            counts[name] = counts.get(name, 0) + 1
             if name in seen:
                 return
             seen.add(name)
@@ -91,6 +96,15 @@ def execution_groups(model: nn.Module, layers: Sequence[LayerInfo], batch: Any) 
     return groups
 
 
+class _Done(TensorSlimError):
+    """Raised by a hook to end a forward pass early (caught by paired_stats; a TensorSlimError so
+    run_model lets it through unchanged)."""
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
 class _Pairing:
     """Hooks pairing each matrix's rows in the original and the compressed model, batch by
     batch: the original model's run queues the rows, the compressed model's run consumes them."""
@@ -106,6 +120,19 @@ class _Pairing:
                     st.parts[p] = LayerStats()
             self.stats[name] = st
         self.index, self.batch = 0, None
+        # early stop: a pass ends once every layer of the group ran as often as on batch 0
+        self.expected: dict[str, int] = {}
+        self.ran: dict[str, int] = {}
+        # the Grams of one (X, X~) pair of row tensors, shared by the matrices reading them (q, k, v)
+        self.shared: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def start_pass(self) -> None:
+        self.ran = dict.fromkeys(self.infos, 0)
+
+    def _count(self, name: str) -> None:
+        self.ran[name] += 1
+        if self.expected and all(self.ran[n] >= self.expected.get(n, 0) for n in self.infos):
+            raise _Done
 
     def source_hook(self, name: str, module: nn.Module):
         handler = self.infos[name].handler
@@ -113,6 +140,7 @@ class _Pairing:
         def fn(_mod, args, kwargs, output):
             for part, x in handler.rows(module, args, kwargs, output).items():
                 self.queue.setdefault((name, part), []).append(x.detach())
+            self._count(name)
 
         return fn
 
@@ -120,39 +148,48 @@ class _Pairing:
         handler = self.infos[name].handler
 
         def fn(_mod, args, kwargs, output):
-            for part, xt in handler.rows(module, args, kwargs, output).items():
-                queued = self.queue.get((name, part))
-                if not queued:
-                    raise TensorSlimError(
-                        f"sequential calibration: layer {name!r} ran more often in the compressed "
-                        f"model than in the original on {batch_name(self.index)}"
-                    )
-                x = queued.pop(0)
-                if x.shape != xt.shape:
-                    raise TensorSlimError(
-                        f"sequential calibration: the inputs of layer {name!r} differ in shape "
-                        f"between the original ({tuple(x.shape)}) and the compressed model "
-                        f"({tuple(xt.shape)}) on {batch_name(self.index)}"
-                    )
-                self._add(name, part, x, xt)
+            self._pair(name, handler.rows(module, args, kwargs, output))
+            self._count(name)
 
         return fn
 
+    def _pair(self, name: str, rows: dict[str, torch.Tensor]) -> None:
+        for part, xt in rows.items():
+            queued = self.queue.get((name, part))
+            if not queued:
+                raise TensorSlimError(
+                    f"sequential calibration: layer {name!r} ran more often in the compressed "
+                    f"model than in the original on {batch_name(self.index)}"
+                )
+            x = queued.pop(0)
+            if x.shape != xt.shape:
+                raise TensorSlimError(
+                    f"sequential calibration: the inputs of layer {name!r} differ in shape "
+                    f"between the original ({tuple(x.shape)}) and the compressed model "
+                    f"({tuple(xt.shape)}) on {batch_name(self.index)}"
+                )
+            self._add(name, part, x, xt)
+
     def _add(self, name: str, part: str, x: torch.Tensor, xt: torch.Tensor) -> None:
         st = self.stats[name].part(part)
-        x64, xt64 = x.to(torch.float64), xt.to(torch.float64)
-        gt = xt64.T @ xt64
-        if not _all_finite(gt):
-            raise _nonfinite_inputs_error(name, part, self.index, self.batch, xt)
-        g = x64.T @ x64
-        c = x64.T @ xt64
+        key = (_identity(x), _identity(xt))
+        if key not in self.shared:
+            x64, xt64 = x.to(torch.float64), xt.to(torch.float64)
+            gt = xt64.T @ xt64
+            if not _all_finite(gt):
+                raise _nonfinite_inputs_error(name, part, self.index, self.batch, xt)
+            # x and xt are kept with their Grams until the batch ends, so that no other tensor
+            # can take their address (and key) in the meantime
+            self.shared[key] = (gt, x64.T @ x64, x64.T @ xt64, x, xt)
+        gt, g, c, _, _ = self.shared[key]
         if st.gram is None:
+            gt, g, c = gt.clone(), g.clone(), c.clone()
             st.gram, st.source_gram, st.cross = gt, g, c
         else:
             st.gram.add_(gt)
             st.source_gram.add_(g)
             st.cross.add_(c)
-        st.rows += x64.shape[0]
+        st.rows += x.shape[0]
 
 
 def paired_stats(
@@ -160,17 +197,25 @@ def paired_stats(
     current: nn.Module,
     infos: dict[str, LayerInfo],
     batches: Sequence[Any],
+    calls: dict[str, int] | None = None,
 ) -> dict[str, LayerStats]:
     """Sequential statistics of each layer in `infos` (named as in both models): gram (the
-    compressed model's inputs), source_gram (the original's) and cross, per matrix part."""
+    compressed model's inputs), source_gram (the original's) and cross, per matrix part.
+    calls: how often each layer runs per batch; a forward pass stops (the rest of the model is
+    not run) once every layer of `infos` ran that often."""
     pairing = _Pairing(infos)
+    pairing.expected = dict(calls or {})
     for index, batch in enumerate(batches):
         pairing.index, pairing.batch = index, batch
+        pairing.shared.clear()
         for model, make in ((original, pairing.source_hook), (current, pairing.target_hook)):
             mods = {name: get_submodule(model, name) for name in infos}
             hooks = [m.register_forward_hook(make(n, m), with_kwargs=True) for n, m in mods.items()]
+            pairing.start_pass()
             try:
                 run_model(model, batch, batch_name(index), _HINT)
+            except _Done:
+                pass
             finally:
                 for h in hooks:
                     h.remove()
@@ -218,9 +263,10 @@ def sequential_materialize(
     for info in todo:
         if info.handler.calibration_reason(info.module) is not None:
             plain.append(info.name)
+    calls: dict[str, int] = {}
     with eval_mode(model):
         groups = execution_groups(
-            model, [by_name[n] for n in by_name if n not in plain], batches[0]
+            model, [by_name[n] for n in by_name if n not in plain], batches[0], calls
         )
     grouped = {name for g in groups for name in g}
     plain += [name for name in by_name if name not in grouped and name not in plain]
@@ -228,7 +274,7 @@ def sequential_materialize(
     for group in track(groups, "Sequential calibration", progress):
         infos = {name: by_name[name] for name in group}
         with eval_mode(model), eval_mode(out):
-            seq = paired_stats(model, out, infos, batches)
+            seq = paired_stats(model, out, infos, batches, calls)
         passes += 1
         for name, info in infos.items():
             job = jobs[name]
