@@ -434,3 +434,27 @@ def test_cli_recover_errors(tmp_path):
     (out / "extra.txt").write_text("mine")
     r = run("recover", out, "--data", x, "--epochs", "1")
     assert r.exit_code == 2 and "refusing to replace" in r.output
+
+
+def test_balancing_keeps_the_function_and_equalises_factor_norms():
+    from tensorslim.layers import LowRankLinear
+    from tensorslim.layers.lowrank_conv import LowRankConv
+    from tensorslim.train.distill import balance_lowrank_
+
+    torch.manual_seed(0)
+    lin = LowRankLinear(12, 9, 4)
+    conv = LowRankConv(3, 8, (3, 3), 4, padding=1)
+    with torch.no_grad():
+        lin.first.weight.mul_(1e-3)  # a whitened layer's small B
+        conv.first.weight.mul_(1e-3)
+    model = nn.Sequential(lin)
+    x = torch.randn(5, 12)
+    before = model(x)
+    cx = torch.randn(2, 3, 6, 6)
+    cbefore = conv(cx)
+    assert balance_lowrank_(model) == 1
+    assert balance_lowrank_(nn.Sequential(conv)) == 1
+    assert torch.allclose(model(x), before, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(conv(cx), cbefore, atol=1e-5, rtol=1e-4)
+    na, nb = lin.second.weight.norm(dim=0), lin.first.weight.norm(dim=1)
+    assert torch.allclose(na, nb, rtol=1e-4)

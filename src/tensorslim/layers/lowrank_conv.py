@@ -109,6 +109,13 @@ class LowRankConv(nn.Module, Compressed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
 
+    def balance_(self) -> None:
+        """Rescale the two convs' weights along the rank in place, the kernel unchanged (see
+        layers.lowrank_linear.balance_factors_)."""
+        from tensorslim.layers.lowrank_linear import balance_factors_
+
+        balance_factors_(self.second.weight, self.first.weight)
+
     def dense_weight(self) -> torch.Tensor:
         """The reconstructed kernel (out, in, *kernel_size)."""
         a = self.second.weight.reshape(self.out_channels, self.rank)

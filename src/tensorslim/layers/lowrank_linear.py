@@ -69,6 +69,11 @@ class LowRankLinear(nn.Module, Compressed):
         """The reconstructed weight A @ B, shape (out, in)."""
         return self.second.weight @ self.first.weight
 
+    def balance_(self) -> None:
+        """Rescale the factors in place (A D, D^-1 B; the product is unchanged) so that each
+        column of A and the matching row of B have equal norms (see balance_factors_)."""
+        balance_factors_(self.second.weight, self.first.weight)
+
     def to_dense(self) -> nn.Linear:
         """An nn.Linear computing the same function."""
         w = self.dense_weight()
@@ -87,6 +92,22 @@ class LowRankLinear(nn.Module, Compressed):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+@torch.no_grad()
+def balance_factors_(a: torch.Tensor, b: torch.Tensor) -> None:
+    """In place: A (m, r, ...) times D and B (r, ...) times D^-1 along the rank, D = sqrt(|B_i| /
+    |A_i|) per rank index i, so |A_i| = |B_i| and A B is unchanged (up to rounding). Gradient
+    training with a per-parameter step size (Adam) then moves both factors on the same scale:
+    whitened factors (B = V^T S^-1) can be ~1e-3 of A, where Adam at lr 1e-4 wrecks B."""
+    m, r = a.shape[0], a.shape[1]
+    a2, b2 = a.reshape(m, r, -1), b.reshape(r, -1)
+    na = a2.transpose(0, 1).reshape(r, -1).norm(dim=1).to(torch.float64)
+    nb = b2.norm(dim=1).to(torch.float64)
+    ok = (na > 0) & (nb > 0)
+    d = torch.where(ok, (nb / na.clamp_min(1e-300)).sqrt(), torch.ones_like(na))
+    a.mul_(d.to(a.dtype).reshape(1, r, *([1] * (a.ndim - 2))))
+    b.div_(d.to(b.dtype).reshape(r, *([1] * (b.ndim - 1))))
 
 
 def factors_of(op: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -36,6 +36,7 @@ from tensorslim._nested import tensors_in
 from tensorslim.calibrate.collect import numbered
 from tensorslim.core.modes import eval_mode, kept_modes
 from tensorslim.errors import ExampleInputError, TensorSlimError, WeightFileError, is_int
+from tensorslim.layers.additive import Compressed
 from tensorslim.plan import Plan
 
 CHECKPOINT_FORMAT = 1
@@ -111,6 +112,19 @@ def _check_lr(lr: Any) -> float:
     if not (math.isfinite(value) and value > 0):
         raise TensorSlimError(f"lr must be a finite number > 0; got {lr!r}")
     return value
+
+
+def balance_lowrank_(model: nn.Module) -> int:
+    """Balance the factors of every low-rank layer of `model` in place (their products, so the
+    model's function, unchanged; layers.lowrank_linear.balance_factors_): Adam's per-parameter
+    steps are then of one scale for both factors. Returns how many layers were balanced."""
+    n = 0
+    for m in model.modules():
+        fn = getattr(m, "balance_", None)
+        if isinstance(m, Compressed) and callable(fn):
+            fn()
+            n += 1
+    return n
 
 
 def _check_models(compressed: Any, original: Any) -> list[nn.Parameter]:
@@ -770,7 +784,10 @@ def recover(
     identical to an uninterrupted run's wherever the run itself is reproducible (CPU; CUDA with
     torch.use_deterministic_algorithms(True)) and an iterable yields its batches in the same
     order (a list, or a DataLoader with a seeded generator). A finished checkpoint makes the same
-    call return at once with the final weights; delete the folder to start over. plan: a tensorslim Plan whose meta["recover"] list gets
+    call return at once with the final weights; delete the folder to start over. Before training,
+    the factors of every low-rank layer are balanced (balance_lowrank_: same function, equal
+    factor norms per rank index), without which Adam's uniform step size wrecks the small
+    factor of a whitened layer. plan: a tensorslim Plan whose meta["recover"] list gets
     a record of this run. on_epoch(epoch, model) (epoch counted from 1) runs after each epoch's
     checkpoint. Dropout draws from torch's global generator, seeded with `seed` (and restored on
     resume) inside a fork, so the caller's random state is left as it was.
@@ -826,6 +843,7 @@ def recover(
     saved = _read_checkpoint(ck) if ck is not None else None
     if saved is not None:
         _check_same_run(ck, saved[0], config)
+    balanced = balance_lowrank_(compressed)  # a resumed run loads its (balanced) weights after
     opt = torch.optim.Adam(params, lr=lr)
     cuda = _cuda_indices(compressed)
     per = "epoch" if epochs is not None else "step"
@@ -908,6 +926,7 @@ def recover(
             "cosine_before": result.cosine_before,
             "cosine_after": result.cosine_after,
             "seconds": round(result.seconds, 3),
+            "balanced_layers": balanced,
         }
         runs = plan.meta.get("recover")
         if isinstance(runs, dict):
