@@ -24,6 +24,15 @@ proposes the full `GRID` there.
 
 1x1 convolutions are matrices: every tensor method falls back to the matrix SVD ("lowrank") there,
 and so does a tensor method on a layer that is not a Conv1d / Conv2d (a Linear, a Conv3d).
+
+With calibration inputs (objective "feature": the conv's patch Gram G = X^T X is attached to the
+layer, see calibrate.collect) every proposal's error is the relative output error on those inputs,
+tr(E G E^T) / tr(W G W^T) with E = W - W_hat the kernel error unfolded (out, in prod(k)), computed
+exactly from G (`output_errors`): Tucker-2 is then fitted to the data (decompose.tensor.DataTucker2)
+and its errors come in closed form, spatial SVD's too (decompose.tensor.spatial_output_errors); CP
+and TT keep their weight-fitted factors and each proposal costs one out x n^2 product (n = in
+prod(k)), so on large kernels they propose the 6 keeps of `BIG_GRID`. The built layer's plan facts
+then include `rel_output_error` (the square root of that relative error).
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tensorslim.compressors._factors import refuse_overflow
+from tensorslim.compressors._factors import output_facts, refuse_overflow, require_stats
 from tensorslim.core.compressor import Compressor, Cost, dtype_bits
 from tensorslim.core.target import LayerTarget
 from tensorslim.decompose import large
@@ -149,6 +158,66 @@ def kernel_grams(kernel: torch.Tensor) -> dict[int, torch.Tensor]:
     )
 
 
+# -- calibration data -----------------------------------------------------------------------------
+def layer_stats(target: LayerTarget) -> Any:
+    """The layer's calibration statistics (LayerStats) when they hold a patch Gram matching its
+    kernel ((in prod(k)) x (in prod(k)), finite), else None."""
+    st = getattr(target.site, "stats", None)
+    gram = getattr(st, "gram", None)
+    if gram is None or not getattr(st, "rows", 0):
+        return None
+    kernel = target.handler.kernel(target.module)
+    n = math.prod(kernel.shape[1:])
+    if tuple(gram.shape) != (n, n):
+        return None
+    return require_stats(st, "feature", frozenset({"gram"}), target.label)
+
+
+def data_kernel(kernel: torch.Tensor, st: Any) -> torch.Tensor:
+    """The kernel whose outputs on the inputs of `st.gram` the compressed layer should match:
+    the kernel itself, or with sequential statistics (the inputs X~ the partly compressed model
+    gives the layer, and X^T X~) the least-squares map W* = W C G~^-1 of X~ to the original
+    outputs (compressors._factors.sequential_target), as (out, in, *k)."""
+    if getattr(st, "cross", None) is None:
+        return kernel
+    from tensorslim.compressors._factors import sequential_target
+
+    w2 = kernel.detach().reshape(kernel.shape[0], -1)
+    return sequential_target(w2, st).reshape(kernel.shape)
+
+
+def output_total(kernel: torch.Tensor, st: Any) -> float:
+    """tr(W G W^T) = ||W X^T||^2 of the unfolded kernel on the calibration inputs (cached in the
+    statistics for this compress call)."""
+    key = ("tensor_output_total", fingerprint(kernel))
+    total = st.cache.get(key)
+    if total is None:
+        w2 = kernel.detach().to("cpu", torch.float64).reshape(kernel.shape[0], -1)
+        total = float(((w2 @ st.gram.to(torch.float64)) * w2).sum().clamp_min(0.0))
+        st.cache[key] = total
+    return total
+
+
+def relative_output_error(kernel: torch.Tensor, k_hat: torch.Tensor, st: Any) -> float:
+    """tr(E G E^T) / tr(W G W^T) (E = K - K_hat unfolded to (out, in prod(k)), G = st.gram):
+    the relative squared output error on the calibration inputs, exact, in float64."""
+    total = output_total(kernel, st)
+    if total <= 0:
+        return 0.0
+    m = kernel.shape[0]
+    e = kernel.detach().to("cpu", torch.float64).reshape(m, -1) - k_hat.detach().to(
+        "cpu", torch.float64
+    ).reshape(m, -1)
+    return float(((e @ st.gram.to(torch.float64)) * e).sum().clamp_min(0.0)) / total
+
+
+def data_facts(kernel: torch.Tensor, k_hat: torch.Tensor, st: Any) -> dict[str, float]:
+    """{"rel_output_error": ||(W - W_hat) X^T|| / ||W X^T||} on the calibration inputs (on the
+    original outputs from the compressed model's inputs with sequential statistics)."""
+    m = kernel.shape[0]
+    return output_facts(kernel.reshape(m, -1), st, k_hat.reshape(m, -1).to(kernel.dtype))
+
+
 # -- costs ----------------------------------------------------------------------------------------
 def chain_flops(layer: nn.Module, input_shape: tuple[int, ...]) -> int:
     """FLOPs (2 per multiply-add) of a chain of convs (a conv, or a module whose children are
@@ -174,6 +243,10 @@ class TensorConvCompressor(Compressor):
     form: ClassVar[str] = "layer"
     layer_cls: ClassVar[type[FactorizedConv]] = FactorizedConv
     keeps: ClassVar[tuple[float, ...]] = GRID
+    # True where the output errors of every rank come in closed form (`output_errors` overridden);
+    # otherwise each rank's output error costs one out x n^2 product and large kernels propose
+    # only BIG_GRID's keeps under objective "feature".
+    closed_output: ClassVar[bool] = False
 
     # -- shape-based hooks (kernel shape (out, in, *k)) ---------------------------------------
     def _params(self, shape: tuple[int, ...], rank: Rank) -> int:
@@ -209,10 +282,12 @@ class TensorConvCompressor(Compressor):
             return None
         return r
 
-    def ranks(self, shape: tuple[int, ...], extra: int = 0) -> list[Rank]:
+    def ranks(self, shape: tuple[int, ...], extra: int = 0, data: bool = False) -> list[Rank]:
         """Distinct ranks of the keep grid (keeps of the layer: kernel plus `extra`, the bias), by
-        rising cost, all strictly below the dense cost."""
+        rising cost, all strictly below the dense cost. `data`: proposals will be measured in
+        output error (see `closed_output`)."""
         big = math.prod(shape) > BIG_KERNEL and not self.fast(shape)
+        big = big or (data and not self.closed_output and self.fast(shape))
         keeps = BIG_GRID if big else self.keeps
         dense = math.prod(shape)
         out: list[Rank] = []
@@ -285,13 +360,19 @@ class TensorConvCompressor(Compressor):
 
     def grid(self, target: LayerTarget) -> list[dict[str, Any]]:
         shape, extra = _shape(target.handler, target.module), _extra(target.handler, target.module)
-        return [{"rank": plain_rank(r)} for r in self.ranks(shape, extra)]
+        data = layer_stats(target) is not None and _objective(target) == "feature"
+        return [{"rank": plain_rank(r)} for r in self.ranks(shape, extra, data)]
 
     def errors(
         self, target: LayerTarget, grid: list[dict[str, Any]], objective: str
     ) -> list[float]:
-        """Relative squared kernel error of each decomposition (objective "weight"); other
-        objectives measure the reconstructed kernel (Compressor.errors)."""
+        """Relative squared kernel error of each decomposition (objective "weight"); the relative
+        output error on the calibration inputs (objective "feature", see `output_errors`);
+        other objectives measure the reconstructed kernel (Compressor.errors)."""
+        if objective == "feature":
+            st = layer_stats(target)
+            if st is not None:
+                return self.output_errors(target, grid, st) if grid else []
         if objective != "weight":
             return super().errors(target, grid, objective)
         kernel = target.handler.kernel(target.module)
@@ -300,6 +381,20 @@ class TensorConvCompressor(Compressor):
     def weight_error(self, kernel: torch.Tensor, rank: Rank) -> float:
         """||K - K_hat||^2 / ||K||^2 of the decomposition at `rank`."""
         return self.decompose(kernel, rank).rel_error ** 2
+
+    def output_errors(
+        self, target: LayerTarget, grid: list[dict[str, Any]], st: Any
+    ) -> list[float]:
+        """tr(E G E^T) / tr(W G W^T) of each grid entry's factorization (the one `build` makes
+        from the kernel, or `proposal_kernel`'s) on the calibration inputs of `st`."""
+        kernel = target.handler.kernel(target.module)
+        ranks = [normalize_rank(p["rank"]) for p in grid]
+        return [relative_output_error(kernel, self.proposal_kernel(kernel, r), st) for r in ranks]
+
+    def proposal_kernel(self, kernel: torch.Tensor, rank: Rank) -> torch.Tensor:
+        """The reconstructed kernel whose output error a proposal reports: the decomposition's
+        (float64 where the kernel is)."""
+        return self._reconstruct(self.decompose(kernel, rank).factors)
 
     # -- decomposition and building -------------------------------------------------------------
     def decompose(self, kernel: torch.Tensor, rank: Rank) -> Decomposition:
@@ -337,10 +432,20 @@ class TensorConvCompressor(Compressor):
         (decomposition, kernel_rel_error, iterations, ...). UnsupportedLayerError where a factor
         overflows the layer's dtype."""
         rank = normalize_rank(params["rank"])
-        dec = self.decompose(target.handler.kernel(target.module), rank)
+        kernel = target.handler.kernel(target.module)
+        st = layer_stats(target)
+        dec = self.decompose(kernel, rank) if st is None else self.decompose_data(kernel, rank, st)
         layer = self.layer_cls.from_decomposition(target.module, dec)
         layer = refuse_overflow(layer, target, self.method, plain_rank(rank))
-        return layer, dict(layer.decomposition_info)
+        facts = dict(layer.decomposition_info)
+        if st is not None:
+            facts.update(data_facts(kernel, self._reconstruct(dec.factors), st))
+        return layer, facts
+
+    def decompose_data(self, kernel: torch.Tensor, rank: Rank, st: Any) -> Decomposition:
+        """The decomposition `build` uses with calibration statistics `st`: the kernel's (a
+        kind without a data-aware solver); Tucker-2 fits the data."""
+        return self.decompose(kernel, rank)
 
     def empty(self, target: LayerTarget, params: Mapping[str, Any]) -> nn.Module:
         """The chain with the conv's geometry and unset weights."""
@@ -361,6 +466,12 @@ def _shape(handler: Any, module: nn.Module) -> tuple[int, ...]:
 def _extra(handler: Any, module: nn.Module) -> int:
     """Parameters the layer keeps besides the kernel (the bias)."""
     return sum(t.numel() for t in handler.extra_params(module).values() if t is not None)
+
+
+def _objective(target: LayerTarget) -> str | None:
+    """The objective of this compress call, from the layer's data-aware settings."""
+    settings = getattr(target.site, "settings", None)
+    return settings.get("objective") if isinstance(settings, Mapping) else None
 
 
 def _options_key(options: Any) -> tuple:

@@ -16,6 +16,12 @@ keep level of such kernels took hours:
   operations (at least one sweep), keeping the best fit met (never worse than the start). The plan
   records the built error, the sweeps run (`iterations`, `max_sweeps`), `converged`, `init`
   ("sliced") and the start's error (`start_rel_error`).
+
+With calibration inputs (objective "feature") the proposals' errors are output errors on those
+inputs (compressors._tensor): of the CP-ALS factors, or on a large kernel of the sliced CP (no ALS
+per rank); the build there keeps whichever of the sliced start and its ALS refinement has the
+smaller output error (ALS fits the kernel, not the data), so the proposal's error bounds the built
+layer's from above.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from tensorslim.compressors._tensor import (
     analysis,
     kernel_grams,
     normalize_rank,
+    relative_output_error,
 )
 from tensorslim.core.compressor import register_compressor
 from tensorslim.core.target import LayerTarget
@@ -162,4 +169,32 @@ class CPCompressor(TensorConvCompressor):
         return Decomposition("cp", rank, factors, rel, len(errors), converged, info)
 
     def _reconstruct(self, factors: list[torch.Tensor]) -> torch.Tensor:
+        if len(factors) and math.prod(f.shape[0] for f in factors) * factors[0].shape[1] > 1 << 24:
+            shape = tuple(f.shape[0] for f in factors)
+            return large.cp_matrix(factors, factors[0].dtype).reshape(shape)
         return cp_reconstruct(factors)
+
+    # -- calibration inputs (objective "feature") ---------------------------------------------
+    def proposal_kernel(self, kernel: torch.Tensor, rank: Rank) -> torch.Tensor:
+        """The CP-ALS reconstruction; on a large kernel the sliced CP's (closed form)."""
+        if not self.fast(tuple(kernel.shape)):
+            return super().proposal_kernel(kernel, rank)
+        factors = self.sliced(kernel).factors(int(rank))
+        return large.cp_matrix(factors).reshape(kernel.shape)
+
+    def decompose_data(self, kernel: torch.Tensor, rank: Rank, st: Any) -> Decomposition:
+        """On a large kernel, the sliced start or its ALS refinement, whichever has the smaller
+        output error on the calibration inputs (see the module docstring)."""
+        dec = self.decompose(kernel, rank)
+        if not self.fast(tuple(kernel.shape)):
+            return dec
+        start = self.sliced(kernel).factors(int(rank))
+        k_start = large.cp_matrix(start).reshape(kernel.shape)
+        k_als = large.cp_matrix(dec.factors).reshape(kernel.shape)
+        if relative_output_error(kernel, k_start, st) >= relative_output_error(kernel, k_als, st):
+            return dec
+        k = _check_kernel(kernel)
+        factors = balance_cp([f.to(k.dtype) for f in start])
+        info = {**dec.info, "init": "sliced", "als": "not kept: more output error than its start"}
+        rel = large.cp_rel_error(k, factors)
+        return Decomposition("cp", int(rank), factors, rel, 0, None, info)

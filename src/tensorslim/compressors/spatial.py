@@ -32,6 +32,7 @@ from tensorslim.decompose.tensor import (
     Decomposition,
     _check_kernel,
     _rel_error,
+    spatial_output_errors,
     spatial_svd,
     spatial_svd_errors,
     spatial_svd_params,
@@ -47,6 +48,7 @@ class SpatialCompressor(TensorConvCompressor):
     """Spatial SVD (kh x 1 then 1 x kw) at rank r; every useful rank with its exact error."""
 
     layer_cls = SpatialSVDConv
+    closed_output = True
 
     def fallback(self, handler: Any, module: nn.Module) -> tuple[str, str] | None:
         if is_conv(handler, module) and handler.kernel(module).ndim == 3:
@@ -70,8 +72,9 @@ class SpatialCompressor(TensorConvCompressor):
     def _rank_for_keep(self, shape: tuple[int, ...], keep: float, extra: int) -> Rank | None:
         return spatial_svd_rank_for_keep(shape, keep, extra) or None
 
-    def ranks(self, shape: tuple[int, ...], extra: int = 0) -> list[Rank]:
-        """Every rank below the dense cost (1 .. the largest)."""
+    def ranks(self, shape: tuple[int, ...], extra: int = 0, data: bool = False) -> list[Rank]:
+        """Every rank below the dense cost (1 .. the largest); output errors of all of them come
+        from one contraction of the Gram (`spatial_output_errors`)."""
         top = self.rank_for_keep(shape, BELOW_DENSE, extra)
         return list(range(1, (top or 0) + 1))
 
@@ -118,6 +121,20 @@ class SpatialCompressor(TensorConvCompressor):
 
     def weight_error(self, kernel: torch.Tensor, rank: Rank) -> float:
         return float(self._errors(kernel)[int(rank)])
+
+    def output_errors(
+        self, target: LayerTarget, grid: list[dict[str, Any]], st: Any
+    ) -> list[float]:
+        """Exact relative output errors of every grid rank on the calibration inputs, from one
+        SVD and one contraction of the Gram (decompose.tensor.spatial_output_errors)."""
+        kernel = target.handler.kernel(target.module)
+        if kernel.ndim != 4:
+            return super().output_errors(target, grid, st)
+        svd = None
+        if self.fast(tuple(kernel.shape)):
+            svd = analysis(kernel, "spatial_svd", lambda k: large.thin_svd(_matrix(k)))
+        ranks = [int(normalize_rank(p["rank"])) for p in grid]
+        return spatial_output_errors(kernel, st.gram, ranks, svd)
 
     def _errors(self, kernel: torch.Tensor) -> torch.Tensor:
         if not self.fast(tuple(kernel.shape)) or kernel.ndim != 4:

@@ -32,6 +32,7 @@ Pure math on tensors: imports nothing from the rest of the package.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +41,9 @@ import torch
 
 # Entries of the largest temporary block (khatri-rao product or mode product) formed at once.
 BLOCK = 1 << 23
+# QR factorizations of matrices up to this many entries run on one thread (`thin_svd`): a 2048 x 128
+# QR took 2 s on 2 threads of a loaded CPU (TT-SVD steps, once per rank under objective "feature").
+SMALL_QR = 1 << 22
 
 
 # -- threads ----------------------------------------------------------------------------------
@@ -84,8 +88,8 @@ def eig_desc(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD in float64; a tall or wide matrix (aspect >= 2) is reduced by a QR first, and the
-    SVD of its R factor runs on one thread (the direct LAPACK SVD of a wide 1024 x 16384 matrix
+    """Thin SVD in float64; a tall or wide matrix (aspect >= 2) is reduced by a QR first (on one
+    thread up to SMALL_QR entries), and the SVD of its R factor runs on one thread (the direct LAPACK SVD of a wide 1024 x 16384 matrix
     took 45 s on 2 threads of a shared CPU, this 2 s)."""
     a = m.to(torch.float64)
     rows, cols = a.shape
@@ -93,7 +97,8 @@ def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         u, s, vh = thin_svd(a.T)
         return vh.T, s, u.T
     if rows >= 2 * cols:
-        q, r = torch.linalg.qr(a)
+        with one_thread() if a.numel() <= SMALL_QR else contextlib.nullcontext():
+            q, r = torch.linalg.qr(a)
         with one_thread():
             u, s, vh = torch.linalg.svd(r, full_matrices=False)
         return q @ u, s, vh
@@ -409,6 +414,20 @@ def cp_rel_error(k: torch.Tensor, factors: list[torch.Tensor]) -> float:
     if norm2 == 0:
         return 0.0
     return math.sqrt(_sumsq(diff) / norm2)
+
+
+def cp_matrix(factors: list[torch.Tensor], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The mode-0 unfolding (d_0, prod of the other d_m) of the CP tensor of factors (d_m, R),
+    formed in blocks of R (no (d_0, ..., R) temporary), in `dtype`."""
+    rank = factors[0].shape[1]
+    others = [f.to(dtype) for f in factors[1:]]
+    rest = math.prod(f.shape[0] for f in others)
+    step = max(1, BLOCK // max(rest, 1))
+    out = torch.zeros(factors[0].shape[0], rest, dtype=dtype)
+    for s in range(0, rank, step):
+        cols = slice(s, min(rank, s + step))
+        out += factors[0][:, cols].to(dtype) @ khatri_rao_block(others, cols).T
+    return out
 
 
 def _sumsq(t: torch.Tensor) -> float:

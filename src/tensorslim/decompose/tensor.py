@@ -26,7 +26,11 @@ Methods and their sources:
   the matrix M[(i,h),(o,w)] = K[o,i,h,w] truncated to rank r gives a vertical kh x 1 conv into r
   channels followed by a horizontal 1 x kw conv.
 
-Pure math on tensors: this module imports nothing else from tensorslim (imports run downward).
+- Data-aware Tucker-2 (`DataTucker2`) and the spatial SVD's output errors on calibration inputs
+  (`spatial_output_errors`), see the section at the end.
+
+Pure math on tensors: this module imports nothing else from tensorslim but decompose.large's
+`one_thread` (imports run downward).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from dataclasses import dataclass, field
 import tensorly as tl
 import torch
 from tensorly.decomposition import parafac, partial_tucker, tensor_train
+
+from tensorslim.decompose.large import one_thread
 
 # Largest explicit Khatri-Rao product (entries) CP-ALS may form; above it MTTKRP runs as einsum.
 KHATRI_RAO_MAX = 1 << 16
@@ -452,3 +458,290 @@ def spatial_svd_errors(kernel: torch.Tensor) -> torch.Tensor:
         return torch.zeros(s2.numel() + 1, dtype=torch.float64)
     tail = torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0])
     return torch.cat([tail, torch.zeros(1, dtype=torch.float64)]) / total
+
+
+# --------------------------------------------------------------------------------------------
+# data-aware Tucker-2 and output errors on calibration inputs
+#
+# A conv y = K * x is the matrix product W X^T with W = K.reshape(out, in p) (p = prod(k)) and X
+# the unfolded input patches (rows (i, s), channel-major as torch's F.unfold). With the patch Gram
+# G = X^T X the output error of a replacement W_hat is ||(W - W_hat) X^T||^2 = tr(E G E^T),
+# E = W - W_hat (the objective of data-aware low-rank methods: whitened SVD in SVD-LLM, Wang et al.
+# 2024, Eq. 3; activation-aware SVD, ASVD, Yuan et al. 2023).
+
+# Damping of the patch Gram in the data-aware Tucker-2 solves, relative to its mean diagonal.
+DATA_DAMP = 1e-9
+
+
+def patch_marginals(gram: torch.Tensor, inp: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G_c (in x in), G_s (p x p)) of a patch Gram G ((in p) x (in p), rows (i, s)): its partial
+    traces over the kernel offsets, G_c[i, j] = sum_s G[(i, s), (j, s)] (the input channels'
+    second moments), and over the channels, G_s[s, t] = sum_i G[(i, s), (i, t)]."""
+    g4 = gram.reshape(inp, p, inp, p)
+    return torch.einsum("isjs->ij", g4), torch.einsum("isit->st", g4)
+
+
+def _psd_roots(g: torch.Tensor, rel_floor: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G^(1/2), G^(-1/2)) of a symmetric PSD matrix (float64), eigenvalues floored at rel_floor
+    times the largest (so that the inverse root exists)."""
+    with one_thread():
+        vals, vecs = torch.linalg.eigh((g + g.T) / 2)
+    top = float(vals.max()) if vals.numel() else 0.0
+    vals = vals.clamp_min(rel_floor * top if top > 0 else 1.0)
+    root = vals.sqrt()
+    return (vecs * root) @ vecs.T, (vecs / root) @ vecs.T
+
+
+def _eigvecs_desc(g: torch.Tensor) -> torch.Tensor:
+    with one_thread():
+        return torch.linalg.eigh((g + g.T) / 2)[1].flip(1)
+
+
+def kernel_input_basis(w3: torch.Tensor, in_gram: torch.Tensor | None = None) -> torch.Tensor:
+    """The HOSVD input basis (in x in, orthonormal, strongest first): eigenvectors of the input
+    unfolding's Gram K_(1) K_(1)^T (`in_gram` if given) of the kernel w3 (out, in, p)."""
+    if in_gram is None:
+        u = w3.transpose(0, 1).reshape(w3.shape[1], -1)
+        in_gram = u @ u.T
+    return _eigvecs_desc(in_gram.to(torch.float64))
+
+
+def data_input_basis(w3: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """A data-weighted input basis (in x in, orthonormal columns, nested: its first r columns span
+    the chosen r-dimensional input subspace) of the kernel w3 (out, in, p) under the patch Gram.
+
+    With G approximated by the Kronecker product G_c (x) G_s of its marginals (`patch_marginals`),
+    the least output error of K_hat = K x_1 (U (U^T G_c U)^-1 U^T G_c) over r-dimensional input
+    subspaces span(U) is reached at U = G_c^(-1/2) Q, Q the leading eigenvectors of the whitened
+    input-mode Gram G_c^(1/2) (sum_o K_o G_s K_o^T) G_c^(1/2) (K_o the (in x p) slice of output
+    o): the input-mode step of HOSVD (De Lathauwer et al. 2000a) on the kernel whitened by the
+    data, as whitened SVD whitens a matrix (SVD-LLM, Wang et al. 2024) and ASVD scales its input
+    channels (Yuan et al. 2023). The columns are orthonormalised in order (QR), which keeps every
+    leading span."""
+    inp, p = w3.shape[1], w3.shape[2]
+    g_c, g_s = patch_marginals(gram, inp, p)
+    half, inv_half = _psd_roots(g_c)
+    inner = torch.einsum("oip,pq,ojq->ij", w3, g_s, w3)
+    q = _eigvecs_desc(half @ inner @ half)
+    with one_thread():
+        return torch.linalg.qr(inv_half @ q)[0]
+
+
+def _rotated_gram(g4: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """(U_l (x) I_p)^T G (U_r (x) I_p), ((a p) x (b p)), of G viewed as (in, p, in, p)."""
+    inp, p = g4.shape[0], g4.shape[1]
+    a, b = left.shape[1], right.shape[1]
+    t = (left.T @ g4.reshape(inp, -1)).reshape(a * p * inp, p)  # (a, s, j, t) -> ((a s j), t)
+    t = t.reshape(a * p, inp, p).transpose(1, 2).reshape(a * p * p, inp) @ right  # ((a s t), b)
+    return t.reshape(a * p, p, b).transpose(1, 2).reshape(a * p, b * p)
+
+
+class _NotDefinite(Exception):
+    """A Cholesky factorization failed (raise the damping)."""
+
+
+@dataclass
+class _InputFit:
+    """The reduced-rank regression of the outputs on the inputs projected on the leading
+    r_max input directions of `basis`: B = (W G_d P) L^-T (out x r_max p), L L^T = P^T G_d P."""
+
+    basis: torch.Tensor
+    chol: torch.Tensor
+    b: torch.Tensor
+
+
+class DataTucker2:
+    """Data-aware Tucker-2 of a conv kernel: the factors of least output error on calibration
+    inputs with patch Gram G, for every rank pair from a few factorizations.
+
+    For a fixed input factor U_in (P = U_in (x) I_p), K_hat = core x_0 U_out x_1 U_in is
+    W_hat = U_out C P^T, and the best U_out, C are a reduced-rank regression (Izenman 1975) of the
+    outputs W X^T on the projected inputs P^T X^T: with H = W G P and P^T G P = L L^T (Cholesky),
+    B = H L^-T, U_out = the r_out leading eigenvectors of M = B B^T, C = U_out^T B L^-1, and the
+    output error is tr(W G W^T) - (sum of the r_out largest eigenvalues of M). Input factors are
+    nested (the leading r_in columns of an orthonormal basis), so the Cholesky factor and B of the
+    largest r_in contain those of every smaller one (leading blocks) and M(r_in) is a prefix sum:
+    every rank pair costs one out x out eigendecomposition.
+
+    Two bases are tried and the better one is used at each rank pair: "data" (`data_input_basis`)
+    and "kernel" (the HOSVD's, `kernel_input_basis`). The kernel basis makes the result never
+    worse in output error than the HOSVD of Kim et al. (ICLR 2016) at the same ranks (the
+    regression refits its U_out and core); at full ranks it is exact. G is damped by
+    lam = `damp` x its mean diagonal (the errors are those on G + lam I: they exceed the output
+    error on G by lam ||E||^2)."""
+
+    BASES = ("data", "kernel")
+
+    def __init__(
+        self,
+        kernel: torch.Tensor,
+        gram: torch.Tensor,
+        *,
+        damp: float = DATA_DAMP,
+        in_gram: torch.Tensor | None = None,
+    ) -> None:
+        k = _check_kernel(kernel)
+        self.shape = tuple(k.shape)
+        self.dtype = k.dtype
+        out, inp, ks = _split(self.shape)
+        self.p = math.prod(ks)
+        n = inp * self.p
+        g = gram.detach().to("cpu", torch.float64)
+        if tuple(g.shape) != (n, n):
+            raise ValueError(
+                f"the patch Gram must be ({n}, {n}) (in x prod(kernel) squared) for kernel "
+                f"{self.shape}, got {tuple(g.shape)}"
+            )
+        self.g4 = ((g + g.T) / 2).reshape(inp, self.p, inp, self.p)
+        self.w3 = k.to(torch.float64).reshape(out, inp, self.p)
+        w2 = self.w3.reshape(out, n)
+        self.total = float(((w2 @ self.g4.reshape(n, n)) * w2).sum().clamp_min(0.0))
+        mean = float(torch.diagonal(self.g4.reshape(n, n)).mean()) if n else 0.0
+        self.lam = damp * (mean if mean > 0 else 1.0)
+        self.total_d = self.total + self.lam * float((w2**2).sum())
+        self.bases = {
+            "data": data_input_basis(self.w3, self.g4.reshape(n, n)),
+            "kernel": kernel_input_basis(self.w3, in_gram),
+        }
+        self._spectra: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _fit(self, name: str, r_max: int) -> _InputFit:
+        """The regression on the leading r_max directions of basis `name`."""
+        out, inp, p = self.w3.shape
+        basis = self.bases[name]
+        k = r_max * p
+        g_rot = _rotated_gram(self.g4, basis, basis[:, :r_max])  # (in p, k): P^T G P_k
+        w_rot = torch.einsum("oip,ib->obp", self.w3, basis).reshape(out, inp * p)  # W P
+        h = w_rot @ g_rot + self.lam * w_rot[:, :k]  # W G_d P_k
+        g_kk = g_rot[:k].clone()
+        g_kk.diagonal().add_(self.lam)
+        del g_rot
+        with one_thread():
+            chol, info = torch.linalg.cholesky_ex(g_kk)
+        if int(info) != 0:
+            raise _NotDefinite
+        b = torch.linalg.solve_triangular(chol, h.T, upper=False).T  # H L^-T
+        return _InputFit(basis, chol, b)
+
+    def _damped(self, compute):
+        """`compute()`; where a rotated Gram is not numerically positive definite (inputs of
+        lower rank than the patches), again with 100x the damping (at most 6 times)."""
+        for _ in range(6):
+            try:
+                return compute()
+            except _NotDefinite:
+                self.lam *= 100
+                self.total_d = self.total + self.lam * float((self.w3**2).sum())
+                self._spectra.clear()
+        raise ValueError("the patch Gram is not positive definite even with damping")
+
+    def errors(self, ranks: list[tuple[int, int]]) -> list[tuple[float, str]]:
+        """(relative output error tr(E G_d E^T) / tr(W G W^T), basis used) of the best basis at
+        each (r_out, r_in) of `ranks`."""
+        return self._damped(lambda: self._errors(ranks))
+
+    def _errors(self, ranks: list[tuple[int, int]]) -> list[tuple[float, str]]:
+        r_ins = sorted({int(r_in) for _, r_in in ranks})
+        p = self.p
+        for name in self.BASES:
+            todo = [r for r in r_ins if (name, r) not in self._spectra]
+            if not todo:
+                continue
+            fit = self._fit(name, max(todo))
+            m = torch.zeros(self.shape[0], self.shape[0], dtype=torch.float64)
+            done = 0
+            for r in todo:
+                block = fit.b[:, done * p : r * p]
+                m += block @ block.T
+                done = r
+                with one_thread():
+                    vals = torch.linalg.eigvalsh((m + m.T) / 2).flip(0).clamp_min(0)
+                self._spectra[(name, r)] = vals.cumsum(0)
+            del fit
+        out = []
+        for r_out, r_in in ranks:
+            best = min(
+                ((self._error(name, int(r_out), int(r_in)), name) for name in self.BASES),
+                key=lambda t: t[0],
+            )
+            out.append(best)
+        return out
+
+    def _error(self, name: str, r_out: int, r_in: int) -> float:
+        kept = self._spectra[(name, r_in)]
+        kept = float(kept[min(r_out, kept.numel()) - 1])
+        if self.total <= 0:
+            return 0.0
+        return max(0.0, self.total_d - kept) / self.total
+
+    def decompose(self, ranks: tuple[int, int]) -> Decomposition:
+        """Factors [core (r_out, r_in, *k), U_out (out, r_out), U_in (in, r_in)] (the kernel's
+        compute dtype) of the best basis at `ranks`; info: the basis and the damping."""
+        r_out, r_in = (int(r) for r in ranks)
+        full = tucker2_full_ranks(self.shape)
+        if not (1 <= r_out <= full[0] and 1 <= r_in <= full[1]):
+            raise ValueError(f"Tucker-2 ranks must be in [1, {full}] for {self.shape}, got {ranks}")
+        return self._damped(lambda: self._decompose(r_out, r_in))
+
+    def _decompose(self, r_out: int, r_in: int) -> Decomposition:
+        _, name = self._errors([(r_out, r_in)])[0]
+        fit = self._fit(name, r_in)
+        k = r_in * self.p
+        u_out = _eigvecs_desc(fit.b @ fit.b.T)[:, :r_out]
+        c = torch.linalg.solve_triangular(  # C = U_out^T B L^-1
+            fit.chol[:k, :k], u_out.T @ fit.b, upper=False, left=False
+        )
+        core = c.reshape(r_out, r_in, *self.shape[2:])
+        u_in = fit.basis[:, :r_in]
+        k_hat = tucker2_reconstruct(core, u_out, u_in)
+        k64 = self.w3.reshape(self.shape)
+        factors = [t.to(self.dtype).contiguous() for t in (core, u_out, u_in)]
+        info = {"algorithm": "data", "basis": name, "damping": self.lam}
+        return Decomposition(
+            "tucker2", (r_out, r_in), factors, _rel_error(k64, k_hat), info=info
+        )
+
+
+def spatial_output_errors(
+    kernel: torch.Tensor,
+    gram: torch.Tensor,
+    ranks: list[int],
+    svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> list[float]:
+    """Relative output error tr(E G E^T) / tr(W G W^T) of the spatial SVD (`spatial_svd`) at
+    each rank of `ranks`, exact, from one SVD: with the rank-one terms T_j[o, (i, h, w)] =
+    s_j u_j[(i, h)] v_j[(o, w)] of K_hat_r = sum_{j<r} T_j, the error is
+    tr(W G W^T) - 2 sum_{j<r} <T_j, W>_G + sum_{j,l<r} <T_j, T_l>_G, and the G-inner products of
+    the terms need one contraction of G per kernel-column pair (w, w'): O(n^2 R) in all
+    (n = in kh kw, R the largest rank) instead of O(out n^2) per rank. `svd`: (U, S, V^T) of
+    M[(i, h), (o, w)] = K[o, i, h, w] if already computed."""
+    k = _check_kernel(kernel).to(torch.float64)
+    out, inp, (kh, kw) = _split(tuple(k.shape))
+    n = inp * kh * kw
+    g = gram.detach().to("cpu", torch.float64)
+    g = (g + g.T) / 2
+    w2 = k.reshape(out, n)
+    wg = w2 @ g
+    total = float((wg * w2).sum())
+    if total <= 0 or not ranks:
+        return [0.0 for _ in ranks]
+    r_max = max(int(r) for r in ranks)
+    if svd is None:
+        m = k.permute(1, 2, 0, 3).reshape(inp * kh, out * kw)
+        with one_thread():
+            svd = torch.linalg.svd(m, full_matrices=False)
+    u, s, vh = (t.to(torch.float64) for t in svd)
+    r_max = min(r_max, s.numel())
+    a = u[:, :r_max] * s[:r_max]  # (in kh, R)
+    v = vh[:r_max].reshape(r_max, out, kw)  # (R, out, kw)
+    g6 = g.reshape(inp * kh, kw, inp * kh, kw)
+    ga = torch.empty(kw, kw, r_max, r_max, dtype=torch.float64)
+    for w in range(kw):
+        for w2_ in range(kw):
+            ga[w, w2_] = a.T @ g6[:, w, :, w2_] @ a
+    vv = torch.einsum("jow,kov->wvjk", v, v)
+    q = (ga * vv).sum((0, 1))  # (R, R): <T_j, T_l>_G
+    wg6 = wg.reshape(out, inp * kh, kw)
+    c = torch.einsum("ocw,cj,jow->j", wg6, a, v)  # <T_j, W>_G
+    kept = 2 * c.cumsum(0) - q.cumsum(0).cumsum(1).diagonal()
+    return [max(0.0, total - float(kept[min(int(r), r_max) - 1])) / total for r in ranks]

@@ -9,6 +9,13 @@ is known, proposals measured slower than the dense layer are avoided (`latency_g
 `faster_than_dense`); only the proposals on the pooled Pareto front are timed (a proposal off it
 can never be chosen), so a layer costs a few timings per kind on the front (binary search) rather
 than per kind's whole grid. "auto" is a compress method, not a compressor kind.
+
+With calibration inputs and objective "feature" (the layer's site carries its patch Gram) every
+kind's proposals carry the relative output error on those inputs, tr(E G E^T) / tr(W G W^T), so
+the front compares the kinds by what the layer outputs: Tucker-2 is fitted to the data
+(compressors.tucker2), CP, TT and spatial SVD report the output error of their weight-fitted
+factors (compressors._tensor), and the matrix kind is the whitened SVD (SVD-LLM, Wang et al.
+2024; `DATA_KINDS`), the rank-r matrix of least output error, instead of the plain SVD.
 """
 
 from __future__ import annotations
@@ -20,13 +27,21 @@ from typing import Any
 from torch import nn
 
 import tensorslim.search.latency as lat
-from tensorslim.compressors import cp, spatial, tt, tucker2  # noqa: F401  (registers the kinds)
+from tensorslim.compressors import (  # noqa: F401  (registers the kinds)
+    cp,
+    spatial,
+    tt,
+    tucker2,
+    whitened,
+)
 from tensorslim.core.compressor import Compressor, Proposal, compressor_class
 from tensorslim.core.cost import matrix_targets
 from tensorslim.core.handler import Handler
 from tensorslim.core.target import LayerSite, LayerTarget
 
 AUTO_KINDS = ("lowrank", "cp", "tucker2", "tt", "spatial")
+# The kind pooled instead of another when the layer has calibration inputs (objective "feature").
+DATA_KINDS = {"lowrank": "whitened"}
 # A proposal slower than dense is dropped where a faster one costs at least (1 - this) as much.
 LATENCY_SWAP_SLACK = 0.1
 # Time only the pooled Pareto front's proposals (False: every pooled proposal is a candidate, as
@@ -42,10 +57,10 @@ def _compressor(kind: str, options: Options | None) -> Compressor | None:
 
 
 def _candidates(
-    module: nn.Module, handler: Handler, options: Options | None
+    module: nn.Module, handler: Handler, options: Options | None, data: bool = False
 ) -> list[tuple[Compressor, str | None]]:
     """(compressor, why it cannot compress the layer or None) for each kind of AUTO_KINDS after
-    its fallback on this layer, each kind once."""
+    its fallback on this layer, each kind once; `data`: with calibration inputs (DATA_KINDS)."""
     seen: set[str] = set()
     out = []
     for kind in AUTO_KINDS:
@@ -53,6 +68,8 @@ def _candidates(
         fb = comp.fallback(handler, module) if comp is not None else None
         if fb is not None:
             comp = _compressor(fb[0], options)
+        if comp is not None and data and comp.kind in DATA_KINDS:
+            comp = _compressor(DATA_KINDS[comp.kind], options)
         if comp is None or comp.kind in seen:
             continue
         seen.add(comp.kind)
@@ -61,10 +78,20 @@ def _candidates(
 
 
 def auto_members(
-    module: nn.Module, handler: Handler, options: Options | None = None
+    module: nn.Module, handler: Handler, options: Options | None = None, data: bool = False
 ) -> list[Compressor]:
-    """The compressors "auto" pools on this layer (after fallbacks, each kind once)."""
-    return [c for c, why in _candidates(module, handler, options) if why is None]
+    """The compressors "auto" pools on this layer (after fallbacks, each kind once); `data`: the
+    layer has calibration inputs and the objective is "feature" (DATA_KINDS replace kinds)."""
+    return [c for c, why in _candidates(module, handler, options, data) if why is None]
+
+
+def data_objective(site: LayerSite, objective: str | None) -> tuple[str | None, bool]:
+    """(objective, data): `objective`, else the one of this compress call's data-aware settings;
+    data is True when it is "feature" and the site has the layer's input Gram."""
+    if objective is None and isinstance(site.settings, Mapping):
+        objective = site.settings.get("objective")
+    data = objective == "feature" and getattr(site.stats, "gram", None) is not None
+    return objective, data
 
 
 def auto_reason(module: nn.Module, handler: Handler) -> str | None:
@@ -92,12 +119,15 @@ def auto_proposals(
     options: Options | None = None,
 ) -> list[Proposal]:
     """The Pareto front (parameters, error) of the pooled proposals of `auto_members`, by rising
-    cost. `objective`: None for each compressor's default ("weight", the relative squared weight
-    error, for all of AUTO_KINDS); `options`: compressor kind -> options. With the site's input
-    shape and `latency_guard`, proposals of the front slower than the dense layer are avoided
-    (`faster_than_dense` on the front's proposals)."""
+    cost. `objective`: None for the one in the site's data-aware settings, else each
+    compressor's default ("weight", the relative squared weight error, for all of AUTO_KINDS);
+    "feature" with the layer's calibration inputs: every proposal's error is its relative output
+    error on them (see the module docstring). `options`: compressor kind -> options. With the
+    site's input shape and `latency_guard`, proposals of the front slower than the dense layer
+    are avoided (`faster_than_dense` on the front's proposals)."""
+    objective, data = data_objective(site, objective)
     pooled: list[Proposal] = []
-    for comp in auto_members(module, handler, options):
+    for comp in auto_members(module, handler, options, data):
         target = _target(comp, module, handler, site)
         if target is not None:
             pooled += comp.proposals(target, objective)

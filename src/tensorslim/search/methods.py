@@ -53,7 +53,7 @@ class AutoChoice(Compressor):
     def proposals(self, target: Any, objective: str | None = None) -> list:
         from tensorslim.search.auto import auto_proposals
 
-        return auto_proposals(target.module, target.handler, target.site)
+        return auto_proposals(target.module, target.handler, target.site, objective=objective)
 
 
 def method_compressor(method: str, options: Any = None) -> Compressor:
