@@ -2,7 +2,8 @@
 (core.compressor.register_compressor).
 
 Low-rank family: lowrank (method "svd"), fwsvd, fvd, whitened. Tensor family: cp, tucker2, tt,
-spatial. A new compressor module is one more line in the import list below.
+spatial. Codes and pruning: quant (also binary, ternary), sparse. A new compressor module is one
+more line in the import list below.
 """
 
 from tensorslim.compressors import (
@@ -10,10 +11,14 @@ from tensorslim.compressors import (
     fvd,
     fwsvd,
     lowrank,
+    quant,
+    sparse,
     spatial,
     tt,
     tucker2,
     whitened,
 )
 
-__all__ = ["cp", "fvd", "fwsvd", "lowrank", "spatial", "tt", "tucker2", "whitened"]
+__all__ = [
+    "cp", "fvd", "fwsvd", "lowrank", "quant", "sparse", "spatial", "tt", "tucker2", "whitened"
+]

@@ -130,7 +130,7 @@ def make_plan(
         allocator=allocator,
         achieved_keep=achieved,
         model_params_before=count_params(model),
-        model_params_after=count_params(compressed),
+        model_params_after=_model_total(model, layers, "params_after", params_only=True),
         model_flops_before=_sum(layers, "flops_before") if flops_known else None,
         model_flops_after=_sum(layers, "flops_after") if flops_known else None,
         model_bits_before=_model_bits(model, layers, "bits_before"),
@@ -147,21 +147,33 @@ def _sum(plans: list[LayerPlan], key: str) -> int | None:
 def _model_bits(model: nn.Module, layers: list[LayerPlan], key: str) -> int:
     """Storage bits of the whole model: the layers' (as the plan counts them) plus every other
     parameter and buffer at its dtype (shared tensors once)."""
+    return _model_total(model, layers, key, params_only=False)
+
+
+def _model_total(
+    model: nn.Module, layers: list[LayerPlan], key: str, *, params_only: bool
+) -> int:
+    """The layers' `key` (as the plan counts them: a quantized layer's codes and codebook are
+    numbers stored, whatever its modules' parameter count) plus every other parameter (and, for
+    bits, buffer: counted at its dtype's bits) of `model` outside them, shared tensors once."""
     from tensorslim.core.compressor import dtype_bits
 
+    # compressed layers count as the plan says; every other tensor (dense layers included, so
+    # a weight tied between two dense layers counts once) at its size
+    layers = [lp for lp in layers if lp.components and getattr(lp, key) is not None]
     in_layers: set[int] = set()
     for lp in layers:
-        if getattr(lp, key) is not None:
-            try:
-                module = get_submodule(model, lp.name)
-            except Exception:  # noqa: BLE001 - a plan layer the model lacks counts nothing
-                continue
-            in_layers.update(id(p) for p in module.parameters())
+        try:
+            module = get_submodule(model, lp.name)
+        except Exception:  # noqa: BLE001 - a plan layer the model lacks counts nothing
+            continue
+        in_layers.update(id(p) for p in module.parameters())
     rest = 0
     seen: set[int] = set()
-    for t in [*model.parameters(), *model.buffers()]:
+    tensors = [*model.parameters()] if params_only else [*model.parameters(), *model.buffers()]
+    for t in tensors:
         if id(t) in seen or id(t) in in_layers:
             continue
         seen.add(id(t))
-        rest += t.numel() * dtype_bits(t.dtype)
-    return rest + (summed([getattr(lp, key) for lp in layers if getattr(lp, key) is not None]) or 0)
+        rest += t.numel() * (1 if params_only else dtype_bits(t.dtype))
+    return rest + (summed([getattr(lp, key) for lp in layers]) or 0)

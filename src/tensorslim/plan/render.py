@@ -31,6 +31,9 @@ def render_plan(plan: Any, width: int = 160) -> str:
         ("rank", "right"),
         ("params", "right"),
         ("FLOPs", "right"),
+        ("storage", "right"),
+        ("bits/w", "right"),
+        ("vs f32", "right"),
         ("rel err", "right"),
         ("note", "left"),
     ):
@@ -48,6 +51,7 @@ def render_plan(plan: Any, width: int = 160) -> str:
             _params_cell(lp),
             params,
             flops,
+            *_bits_cells(lp),
             "-" if lp.rel_error is None else f"{lp.rel_error:.3f}",
             lp.reason or "",
         )
@@ -82,12 +86,23 @@ def _params_cell(lp: Any) -> str:
     spec = lp.spec
     if not spec:
         return "-"
-    if len(spec) == 1:
-        return "-" if lp.rank is None else str(lp.rank)
+    if len(spec) == 1 and lp.rank is not None:
+        return str(lp.rank)
     return " + ".join(
         ",".join(f"{k}={v}" for k, v in c.items() if k != "kind") or c.get("kind", "?")
         for c in spec
     )
+
+
+def _bits_cells(lp: Any) -> tuple[str, str, str]:
+    """Storage bytes before -> after, stored bits per weight of the layer (biases included) and
+    the compression ratio against the layer at 32 bits per weight."""
+    if lp.bits_before is None or lp.bits_after is None or not lp.params_before:
+        return "-", "-", "-"
+    per = lp.bits_after / lp.params_before
+    ratio = 32 * lp.params_before / max(1, lp.bits_after)
+    storage = f"{human(lp.bits_before / 8)}B→{human(lp.bits_after / 8)}B"
+    return storage, f"{per:.3g}", f"{ratio:.2f}×"
 
 
 def _layer_cell(name: str, aliases: list[str] | None) -> str:
