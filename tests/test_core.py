@@ -94,12 +94,12 @@ def test_sum_of_components_is_one_operator_per_matrix():
     lin = nn.Linear(16, 16)
     spec = parse_spec([{"kind": "lowrank", "rank": 2}, {"kind": "lowrank", "rank": 3}])
     new, _ = build_layer(lin, handler_for(lin), spec, LayerSite(""))
-    a = get_compressor("lowrank").project(lin.weight.detach(), {"rank": 2})
-    b = get_compressor("lowrank").project(lin.weight.detach(), {"rank": 3})
-    torch.testing.assert_close(new.dense_weight(), a + b, rtol=1e-5, atol=1e-5)
+    # the second component fits the residual of the first: rank 2 + rank 3 = the best rank 5
+    best = get_compressor("lowrank").project(lin.weight.detach(), {"rank": 5})
+    torch.testing.assert_close(new.dense_weight(), best, rtol=1e-4, atol=1e-5)
     x = torch.randn(4, 16)
     with torch.no_grad():
-        torch.testing.assert_close(new(x), x @ (a + b).T + lin.bias, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(new(x), x @ best.T + lin.bias, rtol=1e-4, atol=1e-5)
 
 
 def _whitened_model():

@@ -128,9 +128,15 @@ def build_layer(
     *,
     empty: bool = False,
     options: Options | None = None,
+    weights: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The replacement of `module` compressed by `spec` and facts for the plan (per matrix under
-    "parts" on a layer with several). empty: only the structure, to load weights into."""
+    "parts" on a layer with several). empty: only the structure, to load weights into.
+    weights: per component, the (m x n) matrix of each part that component is built from (the
+    learning-compression algorithm's Delta_k(Theta_k)); default: the first component from the
+    layer's own weights, each later one from the residual the earlier ones leave."""
+    from dataclasses import replace
+
     from tensorslim.layers.additive import SumOp
 
     comps = compressors_of(spec, options)
@@ -143,10 +149,18 @@ def build_layer(
     targets = matrix_targets(module, handler, site, with_weights=not empty)
     ops: dict[str, list[nn.Module]] = {part: [] for part in targets}
     facts: dict[str, Any] = {}
-    for comp, _, target, p in _parts(module, handler, comps, spec, targets):
+    index = {id(c): i for i, c in enumerate(spec)}
+    for comp, c, target, p in _parts(module, handler, comps, spec, targets):
         if empty:
             ops[target.part].append(comp.empty(target, p))
             continue
+        if weights is not None:
+            target = replace(target, weight=weights[index[id(c)]][target.part])
+        elif ops[target.part]:
+            # a later component of a sum fits what the earlier ones left (greedy direct
+            # compression of the residual; the LC algorithm passes its own `weights`)
+            done = sum(op.dense_weight().detach().reshape(target.weight.shape) for op in ops[target.part])
+            target = replace(target, weight=(target.weight - done.to(target.weight.dtype)))
         op, f = comp.build(target, p)
         ops[target.part].append(op)
         if f:
