@@ -32,12 +32,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # Data the benchmarks need from Debian (Fashion-MNIST for cnn_fashion, the fortunes sentences for
-# minilm); idempotent, needs root.
+# minilm, Jane Austen's novels for lm_text); idempotent, needs root.
 bench-deps:
 	test -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz || \
 		(apt-get update && apt-get install -y dataset-fashion-mnist)
 	test -f /usr/share/games/fortunes/fortunes || \
 		(apt-get update && apt-get install -y fortunes)
+	test -f /usr/lib/R/site-library/janeaustenr/data/Rdata.rdx || \
+		(apt-get update && apt-get install -y r-cran-janeaustenr)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/linear_speed.py
