@@ -37,7 +37,6 @@ from tensorslim.compressors._factors import (
 from tensorslim.core.compressor import (
     Compressor,
     Cost,
-    Proposal,
     dtype_bits,
     register_compressor,
     target_weight,
@@ -129,10 +128,6 @@ class LowRank(Compressor):
         w = matrix_view(weight).detach().to(torch.float64)
         a, b = truncated_svd(w, _rank(params), method=self._svd_method())
         return (a @ b).to(weight.dtype).reshape(weight.shape)
-
-    def proposals(self, target: MatrixTarget, objective: str | None = None) -> list[Proposal]:
-        """As Compressor.proposals; without `objective`, the target's settings name it."""
-        return super().proposals(target, objective_of(target, objective, self.objective))
 
     def errors(
         self, target: MatrixTarget, grid: list[dict[str, Any]], objective: str

@@ -32,11 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorslim.compressors._factors import layer_errors, matrix_view, objective_of
+from tensorslim.compressors._factors import layer_errors, matrix_view
 from tensorslim.core.compressor import (
     Compressor,
     Cost,
-    Proposal,
     dtype_bits,
     register_compressor,
     target_stats,
@@ -213,9 +212,6 @@ class _Codebook(Compressor):
         if self.grid(target):
             return None
         return f"too small to gain: no {self.kind!r} form stores fewer bits than the dense matrix"
-
-    def proposals(self, target: MatrixTarget, objective: str | None = None) -> list[Proposal]:
-        return super().proposals(target, objective_of(target, objective, self.objective))
 
     def errors(
         self, target: MatrixTarget, grid: list[dict[str, Any]], objective: str

@@ -36,12 +36,10 @@ from tensorslim.compressors._factors import (
     check_options,
     layer_errors,
     matrix_view,
-    objective_of,
 )
 from tensorslim.core.compressor import (
     Compressor,
     Cost,
-    Proposal,
     dtype_bits,
     register_compressor,
     target_stats,
@@ -197,9 +195,6 @@ class Sparse(Compressor):
         if self.options.penalty == "l1":
             return "penalty 'l1' proposes no sizes (it is a projection); use penalty 'l0'"
         return super().too_small(target)
-
-    def proposals(self, target: MatrixTarget, objective: str | None = None) -> list[Proposal]:
-        return super().proposals(target, objective_of(target, objective, self.objective))
 
     def errors(
         self, target: MatrixTarget, grid: list[dict[str, Any]], objective: str

@@ -144,7 +144,10 @@ class Compressor:
         ]
 
     def proposals(self, target: Target, objective: str | None = None) -> list[Proposal]:
-        """Every grid entry with its cost and error, by rising cost."""
+        """Every grid entry with its cost and error, by rising cost. Without `objective`, a
+        matrix target's settings (the compress call's) name it, else the compressor's default."""
+        if objective is None and isinstance(target, MatrixTarget):
+            objective = (target.settings or {}).get("objective")
         grid = self.grid(target)
         errs = self.errors(target, grid, objective or self.objective) if grid else []
         return [
