@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,transformers,bench]'
+	$(BIN)/python -m pip install -q -e '.[dev,transformers,bench,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -138,7 +138,7 @@ LEVELS = [
     {"core", "layers"},
     {"compressors", "handlers"},
     {"plan", "calibrate"},
-    {"search", "train", "study", "io", "report", "zoo", "hf", "modelspec"},
+    {"search", "train", "study", "io", "report", "zoo", "hf", "modelspec", "lc", "_checkpoint"},
     {"api"},
     {"demo", "cli"},
 ]

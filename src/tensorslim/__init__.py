@@ -3,6 +3,7 @@ decompositions, and show honestly what that cost."""
 
 import tensorslim.compressors  # noqa: F401  (registers the built-in compressors)
 import tensorslim.handlers  # noqa: F401  (registers the built-in layer handlers)
+from tensorslim import lc  # the learning-compression algorithm (tensorslim.lc.compress)
 from tensorslim._version import __version__
 from tensorslim.api import analyze, apply_plan, compress
 from tensorslim.core import (
@@ -43,6 +44,7 @@ __all__ = [
     "apply_plan",
     "compress",
     "export_onnx",
+    "lc",
     "load",
     "measure_latency",
     "rank_tuning",

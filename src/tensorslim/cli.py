@@ -798,3 +798,323 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+# -- lc: the learning-compression algorithm --------------------------------------------------------
+def _lc_specs(specs: list[str], specs_file: Path | None) -> Any:
+    """`lc --spec`: one JSON spec for every compressible layer, or PATTERN=JSON (repeatable);
+    `--specs-file`: a JSON file holding either form ({pattern: spec} or a spec)."""
+    import json
+
+    def parse(text: str, where: str) -> Any:
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise TensorSlimError(f"{where} is not valid JSON: {exc}") from None
+
+    if specs_file is not None:
+        if specs:
+            raise TensorSlimError("give --spec or --specs-file, not both")
+        if not specs_file.is_file():
+            raise TensorSlimError(f"--specs-file {str(specs_file)!r} is not a file")
+        return parse(specs_file.read_text(), f"--specs-file {str(specs_file)!r}")
+    if not specs:
+        raise TensorSlimError(
+            'give --spec: a JSON spec for every layer (e.g. \'[{"kind": "lowrank", "rank": 8}]\') '
+            "or PATTERN=JSON per layer (repeatable)"
+        )
+    if len(specs) == 1 and specs[0].lstrip()[:1] in ("[", "{"):
+        return parse(specs[0], "--spec")
+    out: dict[str, Any] = {}
+    for text in specs:
+        pattern, sep, value = text.partition("=")
+        if not sep or not pattern.strip() or value.lstrip()[:1] not in ("[", "{"):
+            raise TensorSlimError(
+                f"--spec {text!r}: several --spec options each take PATTERN=JSON (e.g. "
+                '\'features.*=[{"kind": "lowrank", "rank": 8}]\')'
+            )
+        out[pattern.strip()] = parse(value, f"--spec {pattern.strip()!r}")
+    return out
+
+
+# Data sets `lc --data` accepts by name: the labeled training split of a zoo entry.
+_LC_DATA_SETS = {"digits": "digits-cnn", "fashion": "cnn4-fashion"}
+
+
+def _lc_data(text: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """`lc --data`: ((x, y) training tensors, the zoo Split for test accuracy or None)."""
+    from tensorslim import zoo
+
+    path = Path(text)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise TensorSlimError(
+                f"--data {text!r}: give a .safetensors file with tensors 'inputs' and 'targets' "
+                "(along dim 0), or a data set name (" + ", ".join(sorted(_LC_DATA_SETS)) + ")"
+            )
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            found = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise TensorSlimError(f"cannot read --data {text!r}: {exc}") from exc
+        if set(found) != {"inputs", "targets"}:
+            raise TensorSlimError(
+                f"--data {text!r} must hold exactly the tensors 'inputs' and 'targets'; it holds "
+                + (", ".join(map(repr, found)) or "none")
+            )
+        x, y = found["inputs"], found["targets"]
+        split = None
+    elif text in _LC_DATA_SETS or text in zoo.ZOO:
+        split = zoo.get(_LC_DATA_SETS.get(text, text)).data()
+        x, y = split.x_train, split.y_train
+    else:
+        raise TensorSlimError(
+            f"--data {text!r} is neither a file nor a data set name ("
+            + ", ".join(sorted(_LC_DATA_SETS))
+            + ")"
+        )
+    return (x.to(dtype) if x.is_floating_point() else x, y), split
+
+
+@app.command(name="lc")
+@user_errors
+def lc_cmd(
+    model_arg: str | None = MODEL_ARG,
+    model: str | None = MODEL_OPT,
+    weights: Path | None = WEIGHTS_OPT,
+    trust_pickle: bool = TRUST_OPT,
+    spec: list[str] | None = typer.Option(
+        None,
+        "--spec",
+        "-s",
+        help='A JSON spec for every compressible layer (\'[{"kind": "quant", "bits": 2}]\'), '
+        "or PATTERN=JSON for the layers matching an fnmatch pattern (repeatable).",
+    ),
+    specs_file: Path | None = typer.Option(
+        None, "--specs-file", help="A JSON file: a spec, or an object {pattern: spec}."
+    ),
+    data: str = typer.Option(
+        ...,
+        "--data",
+        "-d",
+        help="Labeled training data: a data set name (digits, fashion, or a zoo model's) or a "
+        ".safetensors file with tensors 'inputs' and 'targets'.",
+    ),
+    steps: int = typer.Option(20, "--steps", min=1, help="LC steps (values of mu)."),
+    mu0: float = typer.Option(1e-3, "--mu0", help="First mu (mu_k = mu0 * growth^k)."),
+    growth: float = typer.Option(1.1, "--growth", help="Growth of mu per step (> 1)."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs per L step (default 1)."),
+    batches: int | None = typer.Option(
+        None, "--batches", help="Optimizer steps per L step (instead of --epochs)."
+    ),
+    lr: float = typer.Option(0.01, "--lr", help="L-step learning rate at the first step."),
+    lr_decay: float = typer.Option(0.98, "--lr-decay", help="Learning rate factor per LC step."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (Nesterov momentum) or adam."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples per step."),
+    penalty_only: bool = typer.Option(
+        False, "--penalty-only", help="Quadratic penalty without Lagrange multipliers."
+    ),
+    baseline: str | None = typer.Option(
+        None,
+        "--baseline",
+        help="Run the baseline instead: direct compression then the same fine-tuning, kept "
+        "feasible by 'reproject' (train, project again) or 'modules' (train the compressed "
+        "modules).",
+    ),
+    recalibrate_bn: int = typer.Option(
+        0,
+        "--recalibrate-bn",
+        min=0,
+        help="Re-estimate BatchNorm statistics of the compressed model on N training batches.",
+    ),
+    seed: int = typer.Option(0, help="Seed for the data order and dropout."),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="Folder for a checkpoint written after every LC step."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run saved in --checkpoint."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
+) -> None:
+    """Compress a model by the learning-compression algorithm (L steps: SGD on the loss plus
+    mu/2 ||w - Delta(Theta) - lambda/mu||^2; C steps: each layer's exact projection) and save
+    plan.json + model.safetensors."""
+    from tensorslim import lc, zoo
+    from tensorslim.io import check_not_inputs, check_output_dir, save
+    from tensorslim.lc import checkpoint as lc_checkpoint
+    from tensorslim.report import rich_table
+    from tensorslim.train import accuracy
+
+    spec_arg = model or model_arg
+    specs = _lc_specs(spec or [], specs_file)
+    inputs = [*_spec_paths(spec_arg), *([weights] if weights else [])]
+    inputs += [p for p in (Path(data), specs_file) if p is not None and p.exists()]
+    check_output_dir(out, inputs)
+    if checkpoint is not None:
+        check_not_inputs(checkpoint, [*inputs, out])
+        check_output_dir(checkpoint)
+        if not resume and lc_checkpoint.read(checkpoint) is not None:
+            raise TensorSlimError(
+                f"--checkpoint {str(checkpoint)!r} holds a run already: add --resume to continue "
+                "it, or name another folder"
+            )
+    elif resume:
+        raise TensorSlimError("--resume needs --checkpoint (the folder of the run to continue)")
+    if baseline is not None and baseline not in ("reproject", "modules"):
+        raise TensorSlimError(f"--baseline must be reproject or modules; got {baseline!r}")
+    net, _, name = resolve_model(spec_arg, weights, trust_pickle, None)
+    (x, y), split = _lc_data(data, _float_dtype(net))
+    schedule = lc.Schedule(
+        mu0=mu0, growth=growth, steps=steps, epochs=epochs, batches=batches, lr=lr,
+        lr_decay=lr_decay, optimizer=optimizer,
+    )
+    common = dict(
+        schedule=schedule, batch_size=batch_size, seed=seed, checkpoint=checkpoint,
+        progress=True, recalibrate=recalibrate_bn,
+    )
+    if baseline is None:
+        small, result = lc.compress(net, specs, (x, y), lagrangian=not penalty_only, **common)
+    else:
+        small, result = lc.finetune(net, specs, (x, y), how=baseline, **common)
+    plan = result.plan
+    plan.meta["model_spec"] = name if name in zoo.ZOO else None
+    save(small, plan, out)
+    rows = [
+        {
+            "step": r["step"],
+            "mu": f"{r['mu']:.3g}",
+            "loss": round(r["loss"], 4),
+            "penalty": round(r.get("penalty", 0.0), 4),
+            "rel. violation": "-" if "rel_violation" not in r else f"{r['rel_violation']:.3g}",
+        }
+        for r in result.history
+    ]
+    console.print(rich_table(rows, title=f"{result.mode}: one row per step"))
+    console.print(str(plan), highlight=False, soft_wrap=True)
+    if result.resumed_at:
+        console.print(f"Resumed from {checkpoint} at step {result.resumed_at}")
+    if split is not None:
+        before, after = accuracy(net, split.x_test, split.y_test), accuracy(
+            small, split.x_test, split.y_test
+        )
+        console.print(
+            f"test accuracy {before:.4f} -> {after:.4f} ({len(split.y_test)} images)",
+            highlight=False,
+        )
+    console.print(result.summary(), highlight=False)
+    console.print(f"Saved to {out}/ (plan.json, model.safetensors)")
+
+
+# -- studies -------------------------------------------------------------------------------------
+study_app = typer.Typer(
+    help="Studies over grids of trials (resumable; local processes or Ray).",
+    no_args_is_help=True,
+)
+app.add_typer(study_app, name="study")
+
+
+def _names(text: str, option: str) -> list[str]:
+    """Comma-separated names, at least one, else TensorSlimError naming the option."""
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise TensorSlimError(f"{option} needs at least one comma-separated name; got {text!r}")
+    return names
+
+
+@study_app.command(name="errors")
+@user_errors
+def study_errors(
+    model_arg: str = typer.Argument(
+        ..., help="A zoo model with labelled data, e.g. garipov-sgd (the paper's setting)."
+    ),
+    methods: str = typer.Option("cp,tucker2,tt", "--methods", help="Tensor methods to compare."),
+    keep: str = typer.Option(
+        "0.1,0.25,0.5", "--keep", help="Fractions of each layer's parameters kept, in (0, 1)."
+    ),
+    runs: int = typer.Option(5, "--runs", help="Repetitions (seeds 0..N-1: CP init, fine-tuning)."),
+    finetune_epochs: int = typer.Option(
+        10, "--finetune-epochs", help="Fine-tuning epochs after each compression (0: none)."
+    ),
+    finetune_samples: int | None = typer.Option(
+        None, "--finetune-samples", help="Fine-tune on this many training images (default all)."
+    ),
+    finetune_lr: float = typer.Option(1e-4, "--finetune-lr", help="SGD (momentum 0.9) rate."),
+    layers: str | None = typer.Option(
+        None, "--layers", help="Conv layers to compress (default: every conv but the first)."
+    ),
+    test_samples: int | None = typer.Option(
+        None, "--test-samples", help="Test images for the test error (default all)."
+    ),
+    feature_samples: int = typer.Option(
+        128, "--feature-samples", help="Training images for the feature errors."
+    ),
+    calibration_samples: int = typer.Option(
+        256, "--calibration-samples", help="Training images for the Fisher and Gram proxies."
+    ),
+    ray: bool = typer.Option(False, "--ray", help="Run the trials on Ray (pip extra `ray`)."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Address of a running Ray cluster (implies --ray)."
+    ),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Worker processes or local Ray CPUs (default: CPU cores; "
+        "0: run in this process)."
+    ),
+    threads: int = typer.Option(1, "--threads", help="Torch threads per trial."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder; rerun to resume."),
+) -> None:
+    """The error-proxy study of Schuurmans, Batselier & Kooij (ICLR 2023): one conv layer
+    compressed at a time over layer x method x keep x run; Kendall τ between each error (weights
+    and features: absolute, relative, scaled; plus Fisher-weighted, calibration output error and
+    SVD risk) and the test error before and after fine-tuning. Writes trials.jsonl (resumable),
+    rows.json, tau.json, tau.md and scatter.png."""
+    from tensorslim.report import rich_table
+    from tensorslim.study.error_report import tau_rows
+    from tensorslim.study.errors import ErrorStudyConfig, run_error_study
+
+    if workers is not None and workers < 0:
+        raise TensorSlimError(f"--workers must be >= 0; got {workers}")
+    use_ray = ray or ray_address is not None
+    if use_ray and workers == 0:
+        raise TensorSlimError("--workers 0 runs in this process; it cannot be combined with --ray")
+    config = ErrorStudyConfig(
+        model=model_arg,
+        layers=tuple(_names(layers, "--layers")) if layers is not None else None,
+        methods=tuple(_names(methods, "--methods")),
+        keeps=tuple(_fractions(keep, "--keep")),
+        runs=runs,
+        finetune_epochs=finetune_epochs,
+        finetune_samples=finetune_samples,
+        finetune_lr=finetune_lr,
+        feature_samples=feature_samples,
+        calibration_samples=calibration_samples,
+        test_samples=test_samples,
+    ).check()
+    executor = "ray" if use_ray else ("serial" if workers == 0 else "process")
+    study = run_error_study(
+        config,
+        out,
+        executor=executor,
+        workers=None if workers == 0 else workers,
+        threads=threads,
+        ray_address=ray_address,
+        progress=True,
+    )
+    console.print(
+        rich_table(
+            tau_rows(study.taus),
+            title=f"{model_arg}: Kendall τ with the test error, before → after fine-tuning "
+            f"(mean ± std over {config.runs} run(s))",
+        )
+    )
+    console.print(
+        f"{len(study.rows)} trials ({study.ran} run now, {study.reused} from {study.files['trials']}); "
+        f"layers {', '.join(study.layers)}",
+        highlight=False,
+    )
+    console.print(
+        f"Results: {study.files['tau_md']}, {study.files['tau_json']}, {study.files['rows']}; "
+        f"plot: {study.files['scatter']}",
+        highlight=False,
+    )
+
+

@@ -21,7 +21,6 @@ position in the data, the loss history); it is written atomically after every ep
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -32,7 +31,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from tensorslim._checkpoint import (
+    check_same_run,
+    cuda_indices,
+    damaged,
+    load_model_state,
+    model_tensors,
+    read_folder,
+    restore_rng,
+    rng_tensors,
+    write_folder,
+)
 from tensorslim._nested import tensors_in
+from tensorslim._progress import bar
 from tensorslim.calibrate.collect import numbered
 from tensorslim.core.modes import eval_mode, kept_modes
 from tensorslim.errors import ExampleInputError, TensorSlimError, WeightFileError, is_int
@@ -40,10 +51,7 @@ from tensorslim.layers.additive import Compressed
 from tensorslim.plan import Plan
 
 CHECKPOINT_FORMAT = 1
-STATE_FILE = "state.safetensors"
-PROGRESS_FILE = "progress.json"
 DEFAULT_BATCH_SIZE = 32
-_MAX_PROGRESS_BYTES = 64 << 20
 # The smallest mean square a term is divided by (an all-zero teacher output stays finite).
 _TINY = 1e-12
 _DATA_KINDS = (
@@ -549,49 +557,7 @@ def _measure(pair: _Pair, batches: list[Any], when: str) -> tuple[float, float, 
     return loss_sum / n, cos_sum / max(1, cos_n), {k: v / n for k, v in term_sums.items()}
 
 
-# -- progress bar -------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _bar(enabled: bool, description: str, total: int | None, done: int) -> Iterator[Callable]:
-    """advance(loss) for every step; a rich bar with the running loss on stderr when enabled."""
-    if not enabled:
-        yield lambda loss: None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = [
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=total, completed=done, loss="-")
-        yield lambda loss: bar.update(task, advance=1, loss=f"{loss:.4g}")
-
-
 # -- checkpoint ---------------------------------------------------------------------------------
-def _cuda_indices(model: nn.Module) -> list[int]:
-    found = {t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.is_cuda}
-    return sorted(found)
-
-
-def _rng_tensors(cuda: list[int]) -> dict[str, torch.Tensor]:
-    out = {"rng/cpu": torch.get_rng_state()}
-    for i in cuda:
-        out[f"rng/cuda/{i}"] = torch.cuda.get_rng_state(i)
-    return out
-
-
 def _seed_rng(seed: int, cuda: list[int]) -> None:
     torch.random.default_generator.manual_seed(seed)
     for i in cuda:
@@ -605,62 +571,25 @@ def _write_checkpoint(
     cuda: list[int],
     progress: dict[str, Any],
 ) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    from tensorslim.io import atomic_write_dir
-
-    tensors: dict[str, torch.Tensor] = {}
-    for k, v in model.state_dict().items():
-        tensors[f"model/{k}"] = v.detach().to("cpu", copy=True).contiguous()
+    tensors = model_tensors(model)
     scalars: dict[str, Any] = {}
     for idx, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"optim/{idx}/{k}"] = v.detach().to("cpu", copy=True).contiguous()
+                tensors[f"optim/{idx}/{k}"] = v
             else:
                 scalars[f"{idx}/{k}"] = v
-    tensors.update(_rng_tensors(cuda))
-    progress = {**progress, "optim_scalars": scalars}
-    text = json.dumps(progress, indent=1, allow_nan=False)
-
-    def write(tmp: Path) -> None:
-        try:
-            save_file(tensors, str(tmp / STATE_FILE))
-        except SafetensorError as exc:
-            raise WeightFileError(f"cannot write checkpoint {str(path)!r}: {exc}") from exc
-        (tmp / PROGRESS_FILE).write_text(text)
-
-    atomic_write_dir(path, write)
+    tensors.update(rng_tensors(cuda))
+    write_folder(path, tensors, {**progress, "optim_scalars": scalars})
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
     """(progress, tensors) of a checkpoint folder; None if there is none yet."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
-        return None
-    prog, state = path / PROGRESS_FILE, path / STATE_FILE
-    if not (path.is_dir() and prog.is_file() and state.is_file()):
-        raise WeightFileError(
-            f"{str(path)!r} is not a recover checkpoint (no {PROGRESS_FILE} and {STATE_FILE}); "
-            "name a new or empty folder for checkpoint="
-        )
-    try:
-        if prog.stat().st_size > _MAX_PROGRESS_BYTES:
-            raise ValueError("file too large")
-        progress = json.loads(prog.read_text())
-        tensors = load_file(str(state))
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise WeightFileError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
-    if not isinstance(progress, dict) or progress.get("format") != CHECKPOINT_FORMAT:
-        raise WeightFileError(f"{str(path / PROGRESS_FILE)!r} is not a recover checkpoint")
-    return progress, tensors
+    return read_folder(path, "a recover", CHECKPOINT_FORMAT)
 
 
 def _bad(path: Path, what: str) -> WeightFileError:
-    return WeightFileError(f"checkpoint {str(path)!r} is damaged: {what}")
+    return damaged(path, what)
 
 
 def _restore(
@@ -672,11 +601,7 @@ def _restore(
     cuda: list[int],
 ) -> None:
     """Load the model weights, Adam's state and the RNG states of a checkpoint."""
-    state = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise _bad(path, " ".join(str(exc).split())) from exc
+    load_model_state(path, tensors, model)
     scalars = progress.get("optim_scalars")
     if not isinstance(scalars, dict):
         raise _bad(path, "optim_scalars is not an object")
@@ -694,32 +619,7 @@ def _restore(
         opt.load_state_dict({"state": opt_state, "param_groups": opt.state_dict()["param_groups"]})
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise _bad(path, f"optimizer state: {exc}") from exc
-    cpu = tensors.get("rng/cpu")
-    if cpu is None or cpu.dtype != torch.uint8:
-        raise _bad(path, "no CPU random generator state")
-    try:
-        torch.set_rng_state(cpu)
-        for i in cuda:
-            saved = tensors.get(f"rng/cuda/{i}")
-            if saved is None:
-                raise _bad(path, f"no random generator state for cuda:{i}")
-            torch.cuda.set_rng_state(saved, i)
-    except RuntimeError as exc:
-        raise _bad(path, f"random generator state: {exc}") from exc
-
-
-def _check_same_run(path: Path, saved: dict[str, Any], config: dict[str, Any]) -> None:
-    old = saved.get("config")
-    if old == config:
-        return
-    if not isinstance(old, dict):
-        raise _bad(path, "no config")
-    differ = [k for k in config if old.get(k) != config[k]]
-    raise TensorSlimError(
-        f"checkpoint {str(path)!r} was written by a different run ({', '.join(differ)} differ: "
-        + "; ".join(f"{k}: {old.get(k)!r:.60} then, {config[k]!r:.60} now" for k in differ[:3])
-        + "); pass the same arguments to resume, or another checkpoint folder to start over"
-    )
+    restore_rng(path, tensors, cuda)
 
 
 def _progress_state(saved: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -842,10 +742,10 @@ def recover(
     }
     saved = _read_checkpoint(ck) if ck is not None else None
     if saved is not None:
-        _check_same_run(ck, saved[0], config)
+        check_same_run(ck, saved[0], config)
     balanced = balance_lowrank_(compressed)  # a resumed run loads its (balanced) weights after
     opt = torch.optim.Adam(params, lr=lr)
-    cuda = _cuda_indices(compressed)
+    cuda = cuda_indices(compressed)
     per = "epoch" if epochs is not None else "step"
 
     taps = _Taps(compressed, original, names)
@@ -987,7 +887,7 @@ def _train(
         total = epochs * source.length if source.length is not None else None
     else:
         total = steps
-    with _bar(progress, "Recovering", total, step) as advance:
+    with bar(progress, "Recovering", total, ("loss",), completed=step) as update:
         while not finished():
             model.train(train_mode)
             seen = 0
@@ -1016,7 +916,7 @@ def _train(
                 epoch_total, epoch_count = epoch_total + value * k, epoch_count + k
                 if per == "step":
                     losses.append(value)
-                advance(value)
+                update(loss=float(value))
                 if checkpoint_every is not None and step % checkpoint_every == 0 and not finished():
                     save()
                 if steps is not None and step >= steps:

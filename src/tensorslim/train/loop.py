@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ def fit(
     progress: bool = False,
     description: str = "Training",
     on_epoch: Callable[[int, nn.Module], None] | None = None,
+    optimizer: str = "adam",
+    momentum: float = 0.9,
+    lr_steps: Sequence[int] = (),
 ) -> list[float]:
     """Train `model` in place on (x, y) for `epochs` with Adam (learning rate x `lr_decay` after
     every epoch); returns the mean task loss per epoch. The one training loop of the package.
@@ -37,12 +40,21 @@ def fit(
     (a regulariser; the returned losses stay the task's). Shuffling uses its own generator seeded
     by `seed`, so runs are reproducible. `on_epoch(epoch, model)` (epoch counted from 1) is called
     after each epoch, e.g. to record a recovery curve or take a projection step; the model is back
-    in training mode afterwards.
+    in training mode afterwards. optimizer="sgd": SGD with `momentum` instead of Adam; lr_steps:
+    epochs (counted from 1) after which the learning rate is multiplied by 0.1 (step decay).
     """
     loss_fn = loss_fn or nn.functional.cross_entropy
     forward = forward or (lambda m, xb: m(xb))
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay)
+    steps = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(lr_steps), gamma=0.1)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     history = []
@@ -60,6 +72,7 @@ def fit(
             total += float(task.detach()) * len(idx)
             count += len(idx)
         sched.step()
+        steps.step()
         history.append(total / max(1, count))
         if on_epoch is not None:
             on_epoch(len(history), model)
