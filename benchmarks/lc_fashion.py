@@ -44,7 +44,7 @@ import time
 
 import torch
 
-from _common import RESULTS, write_results
+from _common import RESULTS, garipov_name, write_results
 from tensorslim import lc, zoo
 from tensorslim.core.handler import handler_for
 from tensorslim.layers.sparse import index_bits
@@ -101,13 +101,6 @@ PAPERS = [
     ("Idelbayev & Carreira-Perpinan, IJCNN 2021", "Q vs P vs L under LC",
      "model-dependent: VGG16 best pruned, ResNets best quantized"),
 ]
-
-
-def garipov_name(choice: str | None) -> str:
-    if choice:
-        return choice
-    cached = zoo.cache_dir() / f"garipov-sgd-seed{SEED}-v{zoo.CACHE_VERSION}.safetensors"
-    return "garipov-sgd" if "garipov-sgd" in zoo.ZOO and cached.is_file() else "garipov-fashion"
 
 
 def matrices(model) -> list[tuple[str, int, int]]:
@@ -212,7 +205,7 @@ def main() -> None:
         if args.quick:
             cfg["schedule"].update(QUICK[key]["schedule"])
             cfg["eval"] = QUICK[key]["eval"]
-        zoo_name = cfg["zoo"] or garipov_name(args.garipov)
+        zoo_name = cfg["zoo"] or garipov_name(args.garipov, SEED)
         entry = zoo.get(zoo_name)
         base = entry.pretrained(seed=SEED, progress=True)
         split = entry.data()

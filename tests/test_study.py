@@ -196,6 +196,22 @@ def test_serial_sweep_resumes_and_cuts_a_torn_line(tmp_path):
     assert not read_results(path).torn
 
 
+def ordered_trial(params: dict) -> dict:
+    return {"z": params["x"], "a": {"y": 1, "b": [2]}, "m": None}
+
+
+def test_rows_read_back_keep_their_key_order(tmp_path):
+    path = tmp_path / "r.jsonl"
+    trials = [{"x": 1, "w": {"q": 0, "c": 1}}]
+    first = run_sweep(ordered_trial, trials, path, executor="serial")
+    again = run_sweep(ordered_trial, trials, path, executor="serial")
+    assert (again.ran, again.reused) == (0, 1)
+    assert again.rows == first.rows
+    assert list(again.rows[0]) == ["z", "a", "m"] and list(again.rows[0]["a"]) == ["y", "b"]
+    assert list(again.records[0].params["w"]) == ["c", "q"]  # params stay canonical
+    assert again.records[0].key == trial_key(trials[0])
+
+
 _CHILD = """
 import sys
 sys.path[:0] = [{tests!r}, {src!r}]

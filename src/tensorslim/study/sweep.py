@@ -115,7 +115,9 @@ class Record:
             "seconds": self.seconds,
             "cpu_seconds": self.cpu_seconds,
         }
-        return (json.dumps(payload, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        # not sort_keys: a row keeps its key order (a table's columns) when a rerun reads it back;
+        # params are canonical already (sorted when the trials were checked)
+        return (json.dumps(payload, separators=(",", ":")) + "\n").encode()
 
 
 @dataclass
