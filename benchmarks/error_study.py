@@ -117,6 +117,11 @@ def main() -> None:
     trial_s = list(study.trial_seconds)
     trial_cpu = [c for c in study.trial_cpu_seconds if c is not None]
     mean_trial = sum(trial_s) / len(trial_s)
+    if len(trial_cpu) < len(trial_s):  # rows stored by an older version carry no CPU time
+        sys.exit(
+            f"{len(trial_s) - len(trial_cpu)} stored trials in {work} carry no CPU time; delete "
+            "that folder (or change the settings) to measure them again"
+        )
     mean_cpu = sum(trial_cpu) / len(trial_cpu)
     # the full protocol, in CPU seconds per trial: the measured CPU time minus this run's
     # fine-tuning and test evaluations, plus the paper's (per-image CPU times measured just now)

@@ -139,7 +139,7 @@ LEVELS = [
     {"compressors", "handlers"},
     {"plan", "calibrate"},
     {"search", "train", "study", "io", "report", "zoo", "hf", "modelspec", "lc", "_checkpoint"},
-    {"api"},
+    {"api", "speed"},
     {"demo", "cli"},
 ]
 

@@ -31,6 +31,7 @@ from tensorslim.core.modes import eval_mode
 from tensorslim.decompose import max_useful_rank, singular_values, tail_energy
 from tensorslim.errors import (
     ExampleInputError,
+    InvalidKeepError,
     TensorSlimError,
     UnsupportedLayerError,
     check_keep,
@@ -105,9 +106,10 @@ def _input_shape(example_input: Any) -> Any:
 
 def compress(
     model: nn.Module,
-    keep: float = 0.5,
+    keep: float | None = None,
     *,
-    cost: str = "params",
+    speedup: float | None = None,
+    cost: str | None = None,
     method: str = "svd",
     allocator: str = "global",
     example_input: Any = None,
@@ -119,16 +121,25 @@ def compress(
     objective: str | None = None,
     method_options: dict[str, Any] | None = None,
     sequential: bool = False,
+    measure: bool = False,
 ) -> tuple[nn.Module, Plan]:
-    """Compress `model`'s layers so that a fraction `keep` of their cost remains.
+    """Compress `model`'s layers so that a fraction `keep` of their cost remains, or so that the
+    whole model runs `speedup` times faster on `example_input`.
 
-    keep: in (0, 1], fraction of the compressible layers' cost that remains. cost: "params",
-    "bits" (storage), "flops" or "latency" (measured CPU ms; FLOPs and latency need
+    keep: in (0, 1], fraction of the compressible layers' cost that remains. speedup: > 1, the
+    whole-model latency target (dense ms / compressed ms on `example_input`, measured): the
+    latency budget is searched by bisection on keep, each step timed on the whole model against
+    `model` (see tensorslim.speed.target.compress_for_speedup); the plan's `whole_model` says what
+    was measured, the steps and, if the target is out of reach, the best speedup found and why.
+    Give exactly one of keep and speedup. cost: "params" (default with keep), "bits" (storage),
+    "flops" or "latency" (measured CPU ms; the default with speedup; FLOPs and latency need
     `example_input`, a tensor, tuple or dict of inputs). method: a registered compressor's method
     name or kind ("svd" = kind "lowrank", "fwsvd", "fvd", "whitened", "cp", "tucker2", "tt",
     "spatial", or any added with @tensorslim.register_compressor) or "auto" (per conv layer the
     best of several kinds). allocator: "global" (least summed error for the budget) or "uniform"
     (same keep for every layer). include / exclude: fnmatch patterns on dotted layer names.
+    measure (with keep and example_input): also time the whole model, dense vs compressed, and
+    record it in the plan's `whole_model` (a few seconds).
 
     Data-aware compression (methods "fwsvd", "fvd", "whitened", or any method with a data-aware
     objective): calibration is an iterable of model inputs (tensors, tuples of positional inputs or
@@ -157,7 +168,101 @@ def compress(
     UnsupportedLayerError, listing each layer's reason, when no layer can be compressed (also
     with keep=1.0: there is nothing to compress).
     """
+    if keep is not None and speedup is not None:
+        raise TensorSlimError(
+            f"give keep= or speedup=, not both (got keep={keep!r}, speedup={speedup!r}): keep is "
+            "a cost budget, speedup a measured whole-model latency target"
+        )
+    if keep is None and speedup is None:
+        raise InvalidKeepError(
+            "keep must be a number in (0, 1] (the fraction of the compressible layers' cost that "
+            "remains, e.g. 0.5), or give speedup= instead (a measured whole-model latency target, "
+            "e.g. 2.0, with example_input=); got keep=None and speedup=None"
+        )
+    if not isinstance(measure, bool):
+        raise TensorSlimError(f"measure must be True or False; got {measure!r}")
+    kwargs = dict(
+        method=method, allocator=allocator, include=include, exclude=exclude,
+        progress=progress, calibration=calibration, loss=loss, objective=objective,
+        method_options=method_options, sequential=sequential,
+    )  # fmt: skip
+    if speedup is not None:
+        from tensorslim.speed.target import check_speedup, compress_for_speedup
+
+        speedup = check_speedup(speedup)
+        if example_input is None:
+            raise TensorSlimError(
+                f"speedup={speedup:g} needs example_input=: the whole model is timed on it "
+                "(dense vs compressed), e.g. a batch of the size you will serve"
+            )
+        return compress_for_speedup(
+            model, speedup, example_input, cost=cost or "latency", **kwargs
+        )
     keep = check_keep(keep)
+    if measure and example_input is None:
+        raise TensorSlimError("measure=True needs example_input=: the whole model is timed on it")
+    analysis = analyse(model, cost=cost or "params", example_input=example_input, **kwargs)
+    compressed, plan = build(analysis, keep)
+    if measure:
+        from tensorslim.speed.target import measure_whole_model
+
+        plan.whole_model = measure_whole_model(model, compressed, analysis.example_input)
+    return compressed, plan
+
+
+@dataclass
+class Analysis:
+    """compress()'s steps 1-4 (find layers, trace shapes, calibrate, propose), done once and
+    reusable for several budgets (`build`): the speed target's search builds many keeps from one
+    analysis."""
+
+    model: nn.Module
+    layers: list[LayerInfo]
+    units: list[Unit]
+    compressor: Any
+    method: str
+    cost: str
+    allocator: str
+    example_input: Any
+    batches: Any
+    sequential: bool
+    progress: bool
+    data_meta: dict[str, Any]
+
+    @property
+    def options(self) -> dict[str, Any]:
+        c = self.compressor
+        return {c.kind: c.options} if self.method != AUTO else {}
+
+    def min_keep(self) -> float:
+        """The smallest keep any allocation reaches: every unit at its cheapest proposal (in the
+        analysis's cost unit)."""
+        dense = sum(u.dense_value for u in self.units)
+        least = sum(min([u.dense_value, *u.values]) for u in self.units)
+        return least / dense if dense else 1.0
+
+    def selection(self, keep: float) -> list[int]:
+        """Each unit's choice (DENSE or a proposal index) for the budget keep x the dense cost."""
+        return allocate(self.units, keep, self.allocator)
+
+
+def analyse(
+    model: nn.Module,
+    *,
+    cost: str = "params",
+    method: str = "svd",
+    allocator: str = "global",
+    example_input: Any = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    progress: bool = False,
+    calibration: Any = None,
+    loss: Any = None,
+    objective: str | None = None,
+    method_options: dict[str, Any] | None = None,
+    sequential: bool = False,
+) -> Analysis:
+    """Steps 1-4 of compress (arguments as there): the layers, their proposals and costs."""
     _check_choice("cost", cost, COSTS)
     _check_choice("method", method, methods())
     _check_choice("allocator", allocator, list(ALLOCATORS))
@@ -188,7 +293,6 @@ def compress(
         _require_compressible(model, layers, method, include, exclude)
     # 3. calibrate
     obj = objective or compressor.objective
-    options = {compressor.kind: compressor.options} if method != AUTO else {}
     data_meta = attach(
         model, layers, method, batches, loss=loss, objective=obj,
         options=_options_dict(compressor), progress=progress,
@@ -199,28 +303,44 @@ def compress(
         layers, cost=cost, objective=obj, latency=_latency_proposals if cost == "latency" else None,
         progress=lambda xs: track(xs, "Analysing layers", progress),
     )
+    return Analysis(
+        model, layers, units, compressor, method, cost, allocator, example_input, batches,
+        sequential, progress, data_meta,
+    )  # fmt: skip
+
+
+def build(
+    analysis: Analysis, keep: float, selection: list[int] | None = None
+) -> tuple[nn.Module, Plan]:
+    """Steps 5-7 of compress for one budget: allocate (unless `selection` is given, as from
+    `analysis.selection(keep)`), materialize a new model, account. The analysed model is not
+    modified; `build` may be called again with another keep."""
+    a = analysis
+    keep = check_keep(keep)
     # 5. allocate
-    selection = allocate(units, keep, allocator)
+    if selection is None:
+        selection = a.selection(keep)
     # 6. materialize
-    jobs = layer_jobs(layers, units, selection)
-    if sequential:
+    jobs = layer_jobs(a.layers, a.units, selection)
+    data_meta = dict(a.data_meta)
+    if a.sequential:
         compressed, data_meta["sequential"] = sequential_materialize(
-            model, layers, jobs, batches, options=options, progress=progress
+            a.model, a.layers, jobs, a.batches, options=a.options, progress=a.progress
         )
     else:
         compressed = materialize(
-            model, jobs.values(), handler_of=handler_for, options=options,
-            progress=lambda xs: track(xs, "Factorizing", progress),
+            a.model, jobs.values(), handler_of=handler_for, options=a.options,
+            progress=lambda xs: track(xs, "Factorizing", a.progress),
         )
     # 7. account
     plan = _account(
-        model, compressed, layers, jobs, units, selection,
-        keep=keep, cost=cost, method=method, allocator=allocator, example_input=example_input,
-        meta=data_meta, compressor=compressor,
+        a.model, compressed, a.layers, jobs, a.units, selection,
+        keep=keep, cost=a.cost, method=a.method, allocator=a.allocator,
+        example_input=a.example_input, meta=data_meta, compressor=a.compressor,
     )
-    if example_input is not None:
+    if a.example_input is not None:
         with eval_mode(compressed):
-            run_model(compressed, example_input)
+            run_model(compressed, a.example_input)
     return compressed, plan
 
 
@@ -329,7 +449,7 @@ def _account(
             f"over budget: achieved keep {plan.achieved_keep:.3f} > requested {keep:.3f}; the "
             "smallest factorizations of the compressible layers already cost more than the budget"
         )
-        warnings.warn(plan.meta["warning"], UserWarning, stacklevel=3)
+        warnings.warn(plan.meta["warning"], UserWarning, stacklevel=4)
     return plan
 
 

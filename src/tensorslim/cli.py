@@ -162,6 +162,17 @@ def _parse_keep(text: str) -> float:
     return check_keep(value)
 
 
+def _parse_speedup(text: str) -> float:
+    """--speedup as a finite number > 1 (one `error:` line otherwise)."""
+    from tensorslim.speed.target import check_speedup
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise TensorSlimError(f"--speedup must be a number > 1, e.g. 2; got {text!r}") from None
+    return check_speedup(value)
+
+
 def _check_data_needs(method: str, objective: str | None, calibration: Path | None) -> None:
     """Refuse, in command-line terms, a method or objective that needs data the command cannot
     give: a loss (Fisher information) never, calibration inputs without --calibration."""
@@ -332,8 +343,9 @@ def demo(
     console.print(
         rich_table(
             rows_for_display(rows),
-            title="digits-cnn compressed with SVD (test set of 450 images; latency: batch 256, "
-            f"{torch.get_num_threads()} CPU threads, median)",
+            title="digits-cnn compressed with SVD, keep = fraction of the FLOPs (test set of 450 "
+            f"images; whole-model latency: batch 256, {torch.get_num_threads()} CPU threads, "
+            "median; speedup vs dense, and vs dense with the same inference levers)",
         )
     )
     console.print(f"Plot: {plot}\nResults: {Path(out) / 'results.json'}")
@@ -346,9 +358,22 @@ def compress_cmd(
     model: str | None = MODEL_OPT,
     weights: Path | None = WEIGHTS_OPT,
     trust_pickle: bool = TRUST_OPT,
-    keep: str = typer.Option("0.5", "--keep", "-k", help="Fraction of the compressible cost kept."),
-    cost: str = typer.Option(
-        "params", help="Budget unit: params, bits (storage), flops or latency (measured ms)."
+    keep: str | None = typer.Option(
+        None, "--keep", "-k", help="Fraction of the compressible cost kept (default 0.5)."
+    ),
+    speedup: str | None = typer.Option(
+        None,
+        "--speedup",
+        help="Whole-model latency target instead of --keep, e.g. 2 (dense ms / compressed ms, "
+        "measured on the example input; searches the latency budget).",
+    ),
+    measure: bool = typer.Option(
+        False, "--measure", help="With --keep: also time the whole model, dense vs compressed."
+    ),
+    cost: str | None = typer.Option(
+        None,
+        help="Budget unit: params (default), bits (storage), flops or latency (measured ms; the "
+        "default with --speedup).",
     ),
     method: str = typer.Option(
         "svd", help="Compressor (svd, fwsvd, fvd, whitened, cp, tucker2, tt, spatial) or auto."
@@ -393,7 +418,15 @@ def compress_cmd(
     from tensorslim.api import compress
     from tensorslim.io import check_output_dir, save
 
-    keep_value = _parse_keep(keep)
+    if keep is not None and speedup is not None:
+        raise TensorSlimError(
+            "give --keep or --speedup, not both: --keep is a cost budget, --speedup a measured "
+            "whole-model latency target"
+        )
+    target = _parse_speedup(speedup) if speedup is not None else None
+    keep_value = None
+    if target is None:
+        keep_value = _parse_keep(keep) if keep is not None else 0.5
     spec_arg = model or model_arg
     _check_data_needs(method, objective, calibration)
     if sequential and calibration is None:
@@ -417,13 +450,9 @@ def compress_cmd(
             _float_dtype(net),
             _parse_shape(input_shape),
         )
-    small, plan = compress(
-        net,
-        keep_value,
-        cost=cost,
+    options = dict(
         method=method,
         allocator=allocator,
-        example_input=example,
         include=include or None,
         exclude=exclude or None,
         progress=True,
@@ -431,6 +460,21 @@ def compress_cmd(
         objective=objective,
         sequential=sequential,
     )
+    if target is not None:
+        from tensorslim.speed.target import search_speedup
+
+        if example is None:
+            raise TensorSlimError(
+                "--speedup times the whole model on an example input: pass --input-shape "
+                "(e.g. 16,3,32,32, the batch you will serve)"
+            )
+        res = search_speedup(net, target, example, cost=cost or "latency", **options)
+        small, plan = res.base, res.plan  # saved: the compression before the inference levers
+    else:
+        small, plan = compress(
+            net, keep_value, cost=cost or "params", example_input=example, measure=measure,
+            **options,
+        )  # fmt: skip
     # a hint for `export`, which rebuilds zoo models only: other specs would run code
     plan.meta["model_spec"] = spec if spec in zoo.ZOO else None
     save(small, plan, out)
@@ -492,9 +536,16 @@ def export(
     ),
     input_shape: str | None = SHAPE_OPT,
     check: bool = typer.Option(True, help="Compare onnxruntime's output with PyTorch's."),
+    time: bool = typer.Option(
+        True,
+        "--time/--no-time",
+        help="Also export the dense architecture to a temporary file and time both in ONNX "
+        "Runtime (alternately, medians, torch's thread count).",
+    ),
 ) -> None:
     """Export a compressed model folder to ONNX, loaded back with onnxruntime (and with --check
-    compared with PyTorch) before it replaces the --onnx file."""
+    compared with PyTorch) before it replaces the --onnx file; with --time, report dense and
+    compressed latency in ONNX Runtime."""
     from tensorslim.io import (
         MARKER_FILE,
         PLAN_FILE,
@@ -525,6 +576,29 @@ def export(
     console.print(f"Wrote {onnx} (loads in onnxruntime)")
     if diff is not None:
         console.print(f"onnxruntime vs PyTorch: max abs difference {diff:.3g}")
+    if time:
+        _print_onnx_speed(base, example, onnx)
+
+
+def _print_onnx_speed(dense: torch.nn.Module, example: Any, onnx: Path) -> None:
+    """Export the dense architecture (its freshly built weights) to a temporary file and print
+    dense and compressed ONNX Runtime latency and the speedup."""
+    import tempfile
+
+    from tensorslim.io import export_onnx_checked
+    from tensorslim.speed.onnx_time import compare_onnx
+
+    with tempfile.TemporaryDirectory(prefix="tensorslim-dense-") as tmp:
+        dense_path = Path(tmp) / "dense.onnx"
+        export_onnx_checked(dense.eval(), example, dense_path, check=False)
+        r = compare_onnx(dense_path, onnx, example)
+    shapes = ", ".join("x".join(str(d) for d in s) for s in r["input_shapes"])
+    console.print(
+        f"ONNX Runtime {r['onnxruntime']} ({r['threads']} threads, input {shapes}, best of "
+        f"{r['rounds']} alternating medians): dense {r['dense_ms']:.3f} ms, compressed "
+        f"{r['compressed_ms']:.3f} ms, speedup {r['speedup']:.2f}x (dense: the same architecture "
+        "with freshly initialized weights)"
+    )
 
 
 def _architecture(spec: str) -> tuple[torch.nn.Module, Any]:
@@ -792,12 +866,6 @@ def recover_cmd(
     console.print(f"Saved to {target}/ (plan.json, model.safetensors)")
 
 
-def main() -> None:  # pragma: no cover
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
 # -- lc: the learning-compression algorithm --------------------------------------------------------
 def _lc_specs(specs: list[str], specs_file: Path | None) -> Any:
     """`lc --spec`: one JSON spec for every compressible layer, or PATTERN=JSON (repeatable);
@@ -1118,3 +1186,9 @@ def study_errors(
     )
 
 
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -306,7 +306,21 @@ def atomic_write_file(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def save(model: nn.Module, plan: Plan, out_dir: str | Path) -> Path:
-    """Write `out_dir/plan.json` and `out_dir/model.safetensors` atomically; returns the folder."""
+    """Write `out_dir/plan.json` and `out_dir/model.safetensors` atomically; returns the folder.
+
+    A model with inference levers applied (tensorslim.speed.levers: folded BatchNorm, merged
+    stages) no longer matches its plan: the model before the levers is written if the speed
+    search kept it (compress(speedup=...)), else it is refused before anything is written."""
+    levers = getattr(model, "_tensorslim_levers", ())
+    if levers:
+        base = getattr(model, "_tensorslim_before_levers", None)
+        if base is None:
+            raise TensorSlimError(
+                f"this model has inference levers applied ({', '.join(levers)}), so its weights "
+                "no longer match the plan and could not be loaded back: save the model before "
+                "tensorslim.speed.levers.apply_levers and apply the levers again after loading"
+            )
+        model = base
 
     def write(tmp: Path) -> None:
         plan.to_json(tmp / PLAN_FILE)

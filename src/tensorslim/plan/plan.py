@@ -102,6 +102,10 @@ class Plan:
     model_bits_after: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     format: int = PLAN_FORMAT
+    # Whole-model speed, measured (compress(speedup=...) or measure=True); None if not measured.
+    # Keys: see WHOLE_MODEL_FIELDS (target_speedup, dense_ms, compressed_ms, speedup, threads,
+    # batch_shapes, steps, levers, breakdown, ...).
+    whole_model: dict[str, Any] | None = None
 
     # -- accounting -------------------------------------------------------------------------
     @property
@@ -168,6 +172,10 @@ class Plan:
             raise WeightFileError(f"plan field 'layers' must be a list; got {short_repr(self.layers)}")
         for key, (ok, accepted) in _PLAN_FIELDS.items():
             _check_field("plan", key, getattr(self, key), ok, accepted)
+        if self.whole_model is not None:
+            for key, (ok, accepted) in WHOLE_MODEL_FIELDS.items():
+                if key in self.whole_model:
+                    _check_field("plan whole_model", key, self.whole_model[key], ok, accepted)
         seen: dict[str, int] = {}
         for i, lp in enumerate(self.layers):
             if not isinstance(lp, LayerPlan):
@@ -291,6 +299,75 @@ _PLAN_FIELDS: dict[str, tuple[Check, str]] = {
     "model_bits_after": _OPT_COUNT,
     "meta": (lambda v: isinstance(v, dict), "an object"),
     "format": _FORMAT,
+    "whole_model": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+}
+
+
+def _positive(v: Any) -> bool:
+    return _is_number(v) and v > 0
+
+
+def _numbers(v: Any) -> bool:
+    return isinstance(v, list) and all(_is_number(x) and x >= 0 for x in v)
+
+
+def _shapes(v: Any) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(s, list) and all(_count(x) for x in s) for s in v
+    )
+
+
+def _objects(keys: dict[str, tuple[Check, str]]) -> Check:
+    """A list of objects whose listed keys, where present, pass their checks."""
+
+    def ok(v: Any) -> bool:
+        return isinstance(v, list) and all(
+            isinstance(o, dict) and all(k not in o or c(o[k]) for k, (c, _) in keys.items())
+            for o in v
+        )
+
+    return ok
+
+
+_OPT_NUMBER = (_optional(lambda v: _is_number(v) and v >= 0), "a finite number >= 0 or null")
+_STEP_FIELDS: dict[str, tuple[Check, str]] = {
+    "keep": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "speedup": (_positive, "a finite number > 0"),
+    "achieved_keep": _OPT_NUMBER,
+}
+_BREAKDOWN_FIELDS: dict[str, tuple[Check, str]] = {
+    "kind": _STR,
+    "name": _STR,
+    "ms": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    "share": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+}
+# The whole_model object's fields (all optional; other keys are kept as they are).
+WHOLE_MODEL_FIELDS: dict[str, tuple[Check, str]] = {
+    "target_speedup": (_optional(lambda v: _is_number(v) and v > 1), "a number > 1 or null"),
+    "dense_ms": (_positive, "a finite number > 0"),
+    "compressed_ms": (_positive, "a finite number > 0"),
+    "speedup": (_positive, "a finite number > 0"),
+    "threads": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "batch_shapes": (_shapes, "a list of shapes (lists of integers >= 0)"),
+    "rounds": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "dense_round_ms": (_numbers, "a list of numbers >= 0"),
+    "compressed_round_ms": (_numbers, "a list of numbers >= 0"),
+    "steps": (
+        _objects(_STEP_FIELDS),
+        "a list of objects {keep: number in (0, 1], speedup: number > 0, ...}",
+    ),
+    "n_steps": _COUNT,
+    "met": (_optional(lambda v: isinstance(v, bool)), "true, false or null"),
+    "reason": (_optional(lambda v: isinstance(v, str)), "a string or null"),
+    "levers": (lambda v: isinstance(v, list), "a list"),
+    "breakdown": (
+        _objects(_BREAKDOWN_FIELDS),
+        "a list of objects {kind, name, ms >= 0, share >= 0, ...}",
+    ),
+    "levered_dense_ms": (_positive, "a finite number > 0"),
+    "speedup_vs_levered_dense": (_positive, "a finite number > 0"),
+    "compressible_share": _OPT_NUMBER,
+    "amdahl_bound": _OPT_NUMBER,
 }
 
 

@@ -78,7 +78,84 @@ def render_plan(plan: Any, width: int = 160) -> str:
             f"; storage {human(plan.model_bits_before / 8)}B → "
             f"{human(plan.model_bits_after / 8)}B ({ratio:.2f}×)"
         )
-    return head + "\n" + console.export_text() + tail
+    text = head + "\n" + console.export_text() + tail
+    wm = getattr(plan, "whole_model", None)
+    if isinstance(wm, dict) and wm:
+        text += "\n" + render_whole_model(wm)
+    return text
+
+
+def render_whole_model(wm: dict[str, Any]) -> str:
+    """The plan's whole-model section: measured speed, the search steps, levers, breakdown."""
+    lines = []
+    shapes = ", ".join("×".join(map(str, s)) for s in wm.get("batch_shapes", [])) or "?"
+    if "speedup" in wm:
+        lines.append(
+            f"Whole model (measured, input {shapes}, {wm.get('threads', '?')} CPU threads, "
+            f"dense and compressed timed alternately, best of {wm.get('rounds', '?')} medians): "
+            f"dense {wm.get('dense_ms', 0):.3g} ms → compressed {wm.get('compressed_ms', 0):.3g} ms, "
+            f"speedup {wm['speedup']:.2f}×"
+        )
+    if "speedup_vs_levered_dense" in wm:
+        levers = ", ".join(wm.get("dense_levers") or []) or "levers"
+        lines.append(
+            f"  against the dense model given the same levers ({levers}): "
+            f"{wm.get('levered_dense_ms', 0):.3g} ms, speedup {wm['speedup_vs_levered_dense']:.2f}× "
+            "(the compression's own part)"
+        )
+    target = wm.get("target_speedup")
+    if target is not None:
+        met = wm.get("met")
+        verdict = "met" if met else "NOT met"
+        lines.append(f"Target speedup {target:.2f}×: {verdict}")
+    if wm.get("reason"):
+        lines.append(f"  {wm['reason']}")
+    steps = wm.get("steps") or []
+    if steps:
+        measured = [s for s in steps if not s.get("reused")]
+        shown = ", ".join(
+            f"keep {s.get('keep', 0):.3f} → {s.get('speedup', 0):.2f}×" for s in measured
+        )
+        reused = len(steps) - len(measured)
+        if reused:
+            shown += f" (+{reused} probes that allocated the same layers as one of these)"
+        lines.append(f"Search ({wm.get('n_steps', len(measured))} measured steps): {shown}")
+    share = wm.get("compressible_share")
+    if share is not None:
+        bound = wm.get("amdahl_bound")
+        lines.append(
+            f"Compressible layers: {100 * share:.0f}% of the dense model's time (profiler)"
+            + (f"; Amdahl bound {bound:.2f}× if they took no time" if bound is not None else "")
+        )
+    if "levers" in wm:
+        kept = [_lever_name(lv) for lv in wm["levers"]]
+        lines.append("Levers kept: " + (", ".join(kept) if kept else "none"))
+        if kept and wm.get("levers_note"):
+            lines.append(f"  {wm['levers_note']}")
+    breakdown = wm.get("breakdown") or []
+    if breakdown:
+        lines.append("Where the time goes after compression (torch.profiler, ms per forward):")
+        for kind in ("module", "op"):
+            rows = [r for r in breakdown if r.get("kind") == kind]
+            if rows:
+                cells = ", ".join(
+                    f"{r.get('name')}"
+                    + (f" ({r['type']})" if kind == "module" and r.get("type") else "")
+                    + f" {r.get('ms', 0):.3g} ({100 * r.get('share', 0):.0f}%)"
+                    for r in rows
+                )
+                lines.append(f"  {kind}s: {cells}")
+    return "\n".join(lines)
+
+
+def _lever_name(lever: Any) -> str:
+    if isinstance(lever, dict):
+        name = lever.get("name") or lever.get("lever") or lever.get("kind") or "?"
+        where = lever.get("where") or lever.get("layers") or lever.get("layer")
+        if isinstance(where, list):
+            where = ", ".join(map(str, where[:4])) + (" ..." if len(where) > 4 else "")
+        return f"{name} ({where})" if where else str(name)
+    return str(lever)
 
 
 def _params_cell(lp: Any) -> str:
