@@ -269,3 +269,32 @@ def test_compressed_minilm_saves_loads_offline_and_embeds(tmp_path, monkeypatch)
     assert torch.allclose(e_small, e_back, atol=1e-6)
     e0 = embed(model, tok, sents)
     assert float((e0 * e_back).sum(1).mean()) > 0.5  # still an encoder of the same sentences
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2"])
+def test_hf_mobilenetv2_with_tf_padding_compresses(method):
+    """Hugging Face MobileNetV2 pads TF-style by reading the conv's stride, kernel size and
+    dilation at run time: the factorized convs expose the dense conv's geometry."""
+    from transformers import MobileNetV2Config, MobileNetV2Model
+
+    torch.manual_seed(0)
+    config = MobileNetV2Config(depth_multiplier=0.35, image_size=32, tf_padding=True)
+    hf = MobileNetV2Model(config).eval()
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = hf
+
+        def forward(self, x):
+            return self.m(pixel_values=x).last_hidden_state
+
+    model, x = Wrap().eval(), torch.randn(2, 3, 32, 32)
+    small, plan = tensorslim.compress(model, 0.5, method=method, example_input=x)
+    assert any(len(small.get_submodule(lp.name).kernel_size) == 2 for lp in plan.factorized_layers)
+    for lp in plan.factorized_layers:
+        dense, new = model.get_submodule(lp.name), small.get_submodule(lp.name)
+        assert (new.stride, new.dilation, new.padding) == (dense.stride, dense.dilation,
+                                                           dense.padding)  # fmt: skip
+    with torch.no_grad():
+        assert small(x).shape == model(x).shape

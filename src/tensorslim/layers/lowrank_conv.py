@@ -62,6 +62,28 @@ class LowRankConv(nn.Module, Compressed):
         )
         self.second = conv(rank, out_channels, 1, bias=bias, **kw)
 
+    # The dense conv's geometry, read-only, for code that inspects the layer it replaced (e.g.
+    # Hugging Face MobileNetV2's TF-style padding reads `stride`, `kernel_size`, `dilation`).
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return self.first.stride
+
+    @property
+    def padding(self) -> tuple[int, ...] | str:
+        return self.first.padding
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return self.first.dilation
+
+    @property
+    def padding_mode(self) -> str:
+        return self.first.padding_mode
+
+    @property
+    def groups(self) -> int:
+        return 1
+
     @classmethod
     def empty_like(cls, conv: nn.Module, rank: int) -> LowRankConv:
         """A LowRankConv with the geometry of `conv` and uninitialized factors."""

@@ -136,6 +136,27 @@ class FactorizedConv(nn.Sequential, Compressed):
         # Facts about the decomposition that produced the weights (iterations, error), if any.
         self.decomposition_info: dict[str, Any] = {}
 
+    # The dense conv's geometry, read-only (see LowRankConv).
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return self.geometry.stride
+
+    @property
+    def padding(self) -> tuple[int, ...] | str:
+        return self.geometry.padding
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return self.geometry.dilation
+
+    @property
+    def padding_mode(self) -> str:
+        return self.geometry.padding_mode
+
+    @property
+    def groups(self) -> int:
+        return 1
+
     @classmethod
     def empty_like(cls, conv: nn.Module, rank: Any) -> FactorizedConv:
         """The chain with the geometry of `conv` and uninitialized weights."""

@@ -257,23 +257,40 @@ def search_speedup(
             else:
                 hi = (k, t.speedup)
             _release(trials, keep=(best, max(trials, key=lambda t: t.speedup)))
-    chosen = best if best is not None else max(trials, key=lambda t: t.speedup)
+    # Confirm by re-measuring (timing noise can flip a verdict of the search): the best meeting
+    # the target first; if its re-measurement misses, the fastest candidate (a smaller keep), which
+    # is also re-measured when the search found none meeting the target.
+    fastest = max(trials, key=lambda t: t.speedup)
+    order = [best] if best is not None else []
+    if all(fastest is not t for t in order):
+        order.append(fastest)
+    dense_levered: dict[str, Any] = {}
 
-    kept = [r for r in chosen.levers if r.get("kept")]
-    dense_fast, dense_levers = None, []
-    if kept:  # the levers alone on the dense model: how much of the speedup is not compression
-        fast, recs = _with_levers(model, example_input, True, 2, 0.05)
-        dense_levers = [r["name"] for r in recs if r.get("kept")]
-        dense_fast = fast if dense_levers else None
-    final = measure_speedup(model, chosen.model, example_input, rounds=rounds,
-                            min_run_time=min_run_time, reference=dense_fast)  # fmt: skip
-    met = final.speedup >= target * (1 - MET_TOL) if best is not None else False
+    def levered_dense() -> tuple[nn.Module | None, list[str]]:
+        if not dense_levered:  # the levers alone on the dense model: the part not from compression
+            fast, recs = _with_levers(model, example_input, True, 2, 0.05)
+            names = [r["name"] for r in recs if r.get("kept")]
+            dense_levered.update(model=fast if names else None, names=names)
+        return dense_levered["model"], dense_levered["names"]
+
+    confirmations: list[dict[str, Any]] = []
+    for chosen in order:
+        kept = [r for r in chosen.levers if r.get("kept")]
+        dense_fast, dense_levers = levered_dense() if kept else (None, [])
+        final = measure_speedup(model, chosen.model, example_input, rounds=rounds,
+                                min_run_time=min_run_time, reference=dense_fast)  # fmt: skip
+        met = final.speedup >= target * (1 - MET_TOL)
+        confirmations.append({"keep": round(chosen.keep, 5), "search_speedup":
+                              round(chosen.speedup, 4), "speedup": round(final.speedup, 4)})  # fmt: skip
+        if met:
+            break
     wm: dict[str, Any] = {
         "target_speedup": target,
         **_timing_dict(final),
         "met": met,
-        "reason": _reason(target, best, chosen, final, share, bound),
+        "reason": _reason(target, best, chosen, final, share, bound, confirmations),
         "search_speedup": round(chosen.speedup, 4),
+        "confirmations": confirmations,
         "steps": steps,
         "n_steps": len(trials),
         "cost": a.cost,
@@ -314,17 +331,30 @@ def _reason(
     final: ModelTiming,
     share: float | None,
     bound: float | None,
+    confirmations: list[dict[str, Any]] | None = None,
 ) -> str:
     """Why the search ended where it did, in words for the plan."""
-    if best is not None:
+    met = final.speedup >= target * (1 - MET_TOL)
+    earlier = (confirmations or [])[:-1]  # re-measurements that missed before the chosen one
+    missed = "".join(
+        f"keep {c['keep']:.3f} measured {c['search_speedup']:.2f}x in the search but "
+        f"{c['speedup']:.2f}x re-measured; " for c in earlier
+    )
+    if best is not None and chosen is best:
         text = (
             f"largest keep measured at or above {target:.2f}x: {chosen.keep:.3f} "
             f"({chosen.speedup:.2f}x in the search, {final.speedup:.2f}x re-measured)"
         )
-        if final.speedup < target * (1 - MET_TOL):
+        if not met:
             text += f"; the re-measurement fell more than {MET_TOL:.0%} below the target (noise?)"
         return text
-    text = (
+    if met:
+        return (
+            missed + f"the fastest candidate, keep {chosen.keep:.3f}, measured "
+            f"{chosen.speedup:.2f}x in the search and {final.speedup:.2f}x re-measured: target "
+            f"{target:.2f}x met (timing noise on this machine decides close calls)"
+        )
+    text = missed + (
         f"target {target:.2f}x is out of reach: the fastest candidate (keep {chosen.keep:.3f}, "
         f"every compressible layer at its cheapest factorization) measured {chosen.speedup:.2f}x "
         f"({final.speedup:.2f}x re-measured)"
