@@ -203,6 +203,29 @@ def test_a_best_that_misses_on_re_measurement_falls_back_to_the_fastest(monkeypa
     assert "re-measured" in wm["reason"]
 
 
+def test_a_best_that_misses_falls_back_to_the_next_largest_keep_rebuilt(monkeypatch):
+    calls = []
+
+    def measure(dense, compressed, *a, **k):
+        calls.append(1)
+        t = _fake_timing(dense, compressed, *a, **k)
+        if len(calls) == 5:  # the first re-measurement (after 4 search steps) comes out low
+            t = _fake_timing(dense, compressed, *a, **k, cap=1.0)
+        return t
+
+    monkeypatch.setattr(target_mod, "measure_speedup", measure)
+    _, plan = compress_for_speedup(_net(), 1.1, X, cost="params", levers=False, max_steps=4,
+                                   keep_tol=1e-6, close=0.0, breakdown=False)  # fmt: skip
+    wm = plan.whole_model
+    meeting = sorted({s["keep"] for s in wm["steps"] if s["speedup"] >= 1.1
+                      and not s.get("reused")}, reverse=True)  # fmt: skip
+    assert wm["n_steps"] == 4 and len(meeting) >= 3
+    first, second = wm["confirmations"]
+    assert first["keep"] == meeting[0] and first["speedup"] == pytest.approx(1.0)
+    assert second["keep"] == meeting[1] and second["speedup"] >= 1.1  # not the fastest: rebuilt
+    assert wm["met"] is True and plan.keep == pytest.approx(second["keep"], abs=1e-5)
+
+
 def test_levers_recorded_and_model_saved_before_them(fake_measure, monkeypatch, tmp_path):
     import tensorslim.speed.levers as levers_mod
 

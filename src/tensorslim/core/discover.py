@@ -237,14 +237,19 @@ def _check_finite(info: LayerInfo) -> None:
 
 
 def run_model(
-    model: nn.Module, example_input: Any, name: str = "the example input", hint: str = ""
+    model: nn.Module,
+    example_input: Any,
+    name: str = "the example input",
+    hint: str = "",
+    grad: bool = False,
 ) -> Any:
     """Run `model` on `example_input` (a tensor, a tuple/list of positional inputs or a mapping of
-    keyword inputs) without gradients. ExampleInputError naming the input (`name`, then `hint`)
-    with the model's message if the model fails; a TensorSlimError (e.g. from a hook) passes as is."""
+    keyword inputs), without gradients unless `grad`. ExampleInputError naming the input (`name`,
+    then `hint`) with the model's message if the model fails; a TensorSlimError (e.g. from a hook)
+    passes as is."""
 
     try:
-        with torch.no_grad():
+        with torch.enable_grad() if grad else torch.no_grad():
             if isinstance(example_input, Mapping):
                 return model(**example_input)
             if isinstance(example_input, (tuple, list)):

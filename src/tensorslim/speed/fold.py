@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +36,7 @@ from tensorslim._nested import tensors_in
 from tensorslim.core.discover import run_model
 from tensorslim.core.modes import eval_mode
 from tensorslim.core.surgery import get_submodule, replace_at
-from tensorslim.errors import ExampleInputError, TensorSlimError
+from tensorslim.errors import TensorSlimError
 from tensorslim.layers.lowrank_conv import LowRankConv
 from tensorslim.layers.lowrank_linear import LowRankLinear
 from tensorslim.layers.tensor_conv import FactorizedConv
@@ -113,20 +112,9 @@ def _run_eval(model: nn.Module, example_input: Any) -> Any:
 
 
 def _call_with_grad(model: nn.Module, example_input: Any) -> Any:
-    with torch.enable_grad(), eval_mode(model):
-        try:
-            if isinstance(example_input, Mapping):
-                return model(**example_input)
-            if isinstance(example_input, (tuple, list)):
-                return model(*example_input)
-            return model(example_input)
-        except TensorSlimError:
-            raise
-        except Exception as exc:
-            raise ExampleInputError(
-                f"the model rejected the example input while looking for BatchNorms to fold: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+    with eval_mode(model):
+        return run_model(model, example_input, "the example input while looking for BatchNorms to "
+                         "fold", grad=True)  # fmt: skip
 
 
 def _producer_names(model: nn.Module) -> dict[str, nn.Module]:
