@@ -4,6 +4,7 @@ real SIGKILL, local processes vs Ray, the CLI end to end, bad inputs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -247,6 +248,59 @@ def test_killed_sweep_resumes_with_nothing_lost_or_repeated(tmp_path):
     keys = [json.loads(line)["key"] for line in path.read_bytes().splitlines()]
     assert sorted(keys) == sorted(trial_key(t) for t in trials)  # 0 lost, 0 duplicated
     assert [r["square"] for r in res.rows] == [x * x for x in range(n)]
+
+
+def pid_trial(params: dict) -> dict:
+    """Record the worker's pid, then take long (the test kills the driver meanwhile)."""
+    (Path(params["dir"]) / str(os.getpid())).touch()
+    time.sleep(params["sleep"])
+    return {"x": params["x"]}
+
+
+_ORPHAN = """
+import sys
+sys.path[:0] = [{tests!r}, {src!r}]
+from test_study import pid_trial
+from tensorslim.study.sweep import grid, run_sweep
+run_sweep(pid_trial, grid({{"x": [0, 1, 2, 3], "dir": [{dir!r}], "sleep": [60]}}), {path!r},
+          executor="process", workers=2)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
+
+
+def test_workers_end_when_the_driver_is_killed(tmp_path):
+    pids_dir = tmp_path / "pids"
+    pids_dir.mkdir()
+    code = _ORPHAN.format(tests=str(TESTS), src=str(SRC), dir=str(pids_dir),
+                          path=str(tmp_path / "r.jsonl"))  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and len(list(pids_dir.iterdir())) < 2:
+        time.sleep(0.05)
+    workers = [int(p.name) for p in pids_dir.iterdir()]
+    try:
+        assert len(workers) == 2, proc.stderr.read().decode()[-2000:] if proc.poll() else workers
+        proc.kill()  # the driver only: no cleanup runs in it
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers)
+    finally:
+        for w in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def tiny_error_trial(params: dict) -> dict:

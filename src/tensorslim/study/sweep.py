@@ -278,12 +278,30 @@ def _serial(fn: TrialFn | str, todo: list[dict], threads: int) -> Done:
         torch.set_num_threads(saved)
 
 
+PARENT_POLL = 0.5  # seconds between a worker's checks that the driver is still alive
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when the driver process `parent` is gone. A driver
+    killed by a signal runs no cleanup, and its idle workers would otherwise wait for work forever
+    (reparented, holding their memory)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="tensorslim-parent-watch", daemon=True).start()
+
+
 def _processes(fn: TrialFn | str, todo: list[dict], workers: int, threads: int) -> Done:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx)
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
+                               initializer=_exit_with_parent, initargs=(os.getpid(),))  # fmt: skip
     try:
         pending = {pool.submit(execute, fn, p, threads): p for p in todo}
         while pending:
