@@ -187,14 +187,8 @@ def compress(
         method_options=method_options, sequential=sequential,
     )  # fmt: skip
     if speedup is not None:
-        from tensorslim.speed.target import check_speedup, compress_for_speedup
+        from tensorslim.speed.target import compress_for_speedup
 
-        speedup = check_speedup(speedup)
-        if example_input is None:
-            raise TensorSlimError(
-                f"speedup={speedup:g} needs example_input=: the whole model is timed on it "
-                "(dense vs compressed), e.g. a batch of the size you will serve"
-            )
         return compress_for_speedup(
             model, speedup, example_input, cost=cost or "latency", **kwargs
         )

@@ -305,15 +305,22 @@ def atomic_write_file(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+# Set by tensorslim.speed.levers on a model returned with levers kept (their names), and by the
+# speed search (the model before the levers): such a model's state dict no longer matches its plan
+# (folded BatchNorm, merged stages), so save() writes the model before the levers or refuses.
+LEVERS_ATTR = "_tensorslim_levers"
+LEVERS_BASE_ATTR = "_tensorslim_before_levers"
+
+
 def save(model: nn.Module, plan: Plan, out_dir: str | Path) -> Path:
     """Write `out_dir/plan.json` and `out_dir/model.safetensors` atomically; returns the folder.
 
     A model with inference levers applied (tensorslim.speed.levers: folded BatchNorm, merged
     stages) no longer matches its plan: the model before the levers is written if the speed
     search kept it (compress(speedup=...)), else it is refused before anything is written."""
-    levers = getattr(model, "_tensorslim_levers", ())
+    levers = getattr(model, LEVERS_ATTR, ())
     if levers:
-        base = getattr(model, "_tensorslim_before_levers", None)
+        base = getattr(model, LEVERS_BASE_ATTR, None)
         if base is None:
             raise TensorSlimError(
                 f"this model has inference levers applied ({', '.join(levers)}), so its weights "

@@ -42,6 +42,7 @@ from torch import nn
 from tensorslim._nested import tensors_in
 from tensorslim.core.discover import run_model
 from tensorslim.errors import TensorSlimError
+from tensorslim.io import LEVERS_ATTR, LEVERS_BASE_ATTR  # noqa: F401  (re-exported)
 from tensorslim.search.timing import Latency, compare_calls, compare_models
 
 LEVER_NAMES: tuple[str, ...] = ("fold_bn", "merge_1x1", "channels_last")
@@ -149,11 +150,6 @@ def _lever_channels_last(
     return new, n, [f"{n} Conv2d layers in channels_last"] if n else [], "no Conv2d fed 4-D input"
 
 
-# Set on a model returned with levers kept: their names. Such a model's state dict no longer matches
-# its plan (folded BatchNorm, merged stages), so tensorslim.save writes the model before the levers
-# (LEVERS_BASE_ATTR, set by the speed search) or refuses with a clear error.
-LEVERS_ATTR = "_tensorslim_levers"
-LEVERS_BASE_ATTR = "_tensorslim_before_levers"
 
 LEVERS: dict[str, LeverFn] = {
     "fold_bn": _lever_fold,

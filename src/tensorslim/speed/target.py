@@ -202,7 +202,8 @@ def search_speedup(
     target = check_speedup(speedup)
     if example_input is None:
         raise TensorSlimError(
-            f"speedup={target:g} needs example_input: the whole model is timed on it"
+            f"speedup={target:g} needs example_input=: the whole model is timed on it "
+            "(dense vs compressed), e.g. a batch of the size you will serve"
         )
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise TensorSlimError(f"max_steps must be an integer >= 1; got {max_steps!r}")
