@@ -257,3 +257,14 @@ def test_integer_inputs_are_passed_as_they_are(tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert _plan(out)["meta"]["calibration"]["input_rows_max"] == 20
+
+
+def test_calibration_by_data_set_name(tmp_path):
+    out = tmp_path / "o"
+    r = run(
+        "compress", "digits-mlp", "--method", "whitened", "--keep", "0.5",
+        "--calibration", "digits", "--calibration-samples", "64", "--out", out,
+    )
+    assert r.exit_code == 0, r.output
+    meta = _plan(out)["meta"]
+    assert meta["calibration"]["gram"] and meta["calibration"]["input_rows_max"] == 64

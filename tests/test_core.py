@@ -129,3 +129,62 @@ def test_layer_plan_views_are_read_only():
     with pytest.raises(AttributeError):
         lp.rank = 3
     assert lp.components == [Component("whitened", {"rank": lp.rank})]
+
+
+def _conv_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 8, 3, padding=1),
+    ).eval()
+    mix = torch.randn(3, 3)  # correlated channels: the data-aware fit differs from the plain one
+    calib = [torch.einsum("ij,bjhw->bihw", mix, torch.randn(4, 3, 8, 8)) for _ in range(3)]
+    return model, calib
+
+
+def test_apply_plan_rebuilds_a_data_aware_tucker2_from_calibration():
+    model, calib = _conv_model()
+    small, plan = tensorslim.compress(
+        model, 0.4, method="tucker2", calibration=calib, objective="feature"
+    )
+    assert plan.meta["calibration"]["gram"] is True
+    with pytest.raises(TensorSlimError, match=r"calibration=batches.*tensorslim\.load"):
+        tensorslim.apply_plan(model, plan)
+    x = calib[0]
+    again = tensorslim.apply_plan(model, plan, calibration=calib)
+    plain = tensorslim.apply_plan(
+        model, tensorslim.Plan.from_json(_without_calibration(plan.to_json()))
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), small(x), rtol=1e-5, atol=1e-5)
+        # the data-aware factors are not the plain HOSVD ones (the check above can fail)
+        assert not torch.allclose(plain(x), small(x), rtol=1e-3, atol=1e-3)
+
+
+def _without_calibration(text: str) -> str:
+    import json
+
+    data = json.loads(text)
+    data["meta"].pop("calibration", None)
+    return json.dumps(data)
+
+
+def test_apply_plan_rebuilds_a_sequential_plan_sequentially():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 6)).eval()
+    calib = [torch.randn(16, 24) for _ in range(3)]
+    small, plan = tensorslim.compress(model, 0.4, method="svd", calibration=calib, sequential=True)
+    assert plan.meta["sequential"]
+    with pytest.raises(TensorSlimError, match="built sequentially.*calibration=batches"):
+        tensorslim.apply_plan(model, plan)
+    again = tensorslim.apply_plan(model, tensorslim.Plan.from_json(plan.to_json()),
+                                  calibration=calib)
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), small(x), rtol=1e-5, atol=1e-5)
+    plain, _ = tensorslim.compress(model, 0.4, method="svd")
+    with torch.no_grad():  # the refit changed the weights: the check above can fail
+        assert not torch.allclose(plain(x), small(x), rtol=1e-3, atol=1e-3)
+    # the structure alone (what load uses) needs no data
+    tensorslim.apply_plan(model, plan, weights="empty")

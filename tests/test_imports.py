@@ -138,7 +138,8 @@ LEVELS = [
     {"core", "layers"},
     {"compressors", "handlers"},
     {"plan", "calibrate"},
-    {"search", "train", "study", "io", "report", "zoo", "hf", "modelspec", "lc", "_checkpoint"},
+    {"search", "train", "study", "io", "report", "zoo", "hf", "modelspec", "lc", "_checkpoint",
+     "input_files"},
     {"api", "speed"},
     {"demo", "cli"},
 ]

@@ -196,71 +196,8 @@ def _check_data_needs(method: str, objective: str | None, calibration: Path | No
         what = f"--objective {objective}" if objective == "feature" else f"--method {method}"
         raise TensorSlimError(
             f"{what} needs calibration inputs: pass --calibration FILE (a .safetensors or .npy "
-            "file of model inputs along dim 0)"
+            "file of model inputs along dim 0, or a data set name)"
         )
-
-
-def _read_calibration(path: Path, key: str | None, samples: int) -> tuple[torch.Tensor, str]:
-    """The first `samples` samples (along dim 0) of the calibration tensor in `path` and how
-    messages name it. Reads a .safetensors header first (only the chosen tensor's first samples
-    are read) or a .npy array memory-mapped; never unpickles."""
-    shown = repr(str(path))
-    if not path.is_file():
-        raise TensorSlimError(f"--calibration file {shown} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        from tensorslim.io import safetensors_entries
-
-        try:
-            entries = safetensors_entries(path)
-        except TensorSlimError as exc:
-            raise TensorSlimError(
-                f"cannot read calibration inputs from {shown}: {exc.__cause__ or exc}"
-            ) from exc
-        names = ", ".join(map(repr, entries)) or "none"
-        if key is None:
-            if len(entries) != 1:
-                raise TensorSlimError(
-                    f"--calibration {shown} holds {len(entries)} tensors ({names}); name the "
-                    "one holding the model inputs with --calibration-key"
-                )
-            key = next(iter(entries))
-        elif key not in entries:
-            raise TensorSlimError(
-                f"--calibration-key {key!r} is not a tensor of {shown}; it holds {names}"
-            )
-        shape = entries[key][0]
-        name = f"tensor {key!r} of {shown}"
-        if not shape:
-            raise TensorSlimError(f"{name} is a single number (shape ()); give samples along dim 0")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                return f.get_slice(key)[:samples], name
-        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
-            raise TensorSlimError(f"cannot read {name}: {exc}") from exc
-    if path.suffix == ".npy":
-        if key is not None:
-            raise TensorSlimError("--calibration-key names a tensor of a .safetensors file")
-        import numpy as np
-
-        try:
-            array = np.load(path, allow_pickle=False, mmap_mode="r")
-            if array.dtype.kind not in "biuf":
-                raise ValueError(f"dtype {array.dtype} is not numeric")
-            if array.ndim == 0:
-                raise ValueError("a single number (shape ()); give samples along dim 0")
-            data = torch.from_numpy(np.array(array[:samples]))  # a writable copy
-        except (OSError, ValueError, TypeError) as exc:
-            raise TensorSlimError(
-                f"cannot read calibration inputs from {shown} (a plain numeric .npy array, read "
-                f"with allow_pickle=False): {exc}"
-            ) from exc
-        return data, shown
-    raise TensorSlimError(
-        f"--calibration {shown}: give a .safetensors file (model inputs along dim 0) or a .npy "
-        "array"
-    )
 
 
 def _calibration_batches(
@@ -274,27 +211,19 @@ def _calibration_batches(
     """`compress --calibration`: the first `samples` inputs of the file, checked (not empty,
     finite, shaped like --input-shape's samples) and split into batches of `batch`; floating-point
     data is cast to the model's dtype."""
-    data, name = _read_calibration(path, key, samples)
-    if data.shape[0] == 0:
-        raise TensorSlimError(f"{name} holds no samples (shape {tuple(data.shape)})")
-    if input_shape is not None and tuple(data.shape[1:]) != input_shape[1:]:
+    from tensorslim.input_files import checked_inputs, read_inputs
+
+    data, name = read_inputs(
+        str(path), flag="--calibration", key=key, samples=samples, several=False
+    )
+    assert isinstance(data, torch.Tensor)  # several=False: one tensor
+    if input_shape is not None and data.ndim and tuple(data.shape[1:]) != input_shape[1:]:
         raise TensorSlimError(
             f"{name} holds samples of shape {tuple(data.shape[1:])} (shape "
             f"{tuple(data.shape)}), but --input-shape {','.join(map(str, input_shape))} "
             f"describes samples of shape {tuple(input_shape[1:])}"
         )
-    if data.is_floating_point():
-        bad = ~torch.isfinite(data)
-        if bool(bad.any()):
-            nan, inf = int(torch.isnan(data).sum()), int(torch.isinf(data).sum())
-            first = int(bad.reshape(data.shape[0], -1).any(1).nonzero()[0])
-            raise TensorSlimError(
-                f"{name} holds {nan} NaN and {inf} Inf values (first in sample {first}); "
-                "calibration inputs must be finite"
-            )
-        data = data.to(dtype)
-    elif data.is_complex():
-        raise TensorSlimError(f"{name} is complex ({data.dtype}); give real model inputs")
+    data = checked_inputs(data, name, dtype)
     return list(data.split(batch))
 
 
@@ -385,8 +314,9 @@ def compress_cmd(
     calibration: Path | None = typer.Option(
         None,
         "--calibration",
-        help="Calibration inputs for data-aware compression (whitened, --objective feature): a "
-        ".safetensors file (samples along dim 0) or a .npy array (read with allow_pickle=False).",
+        help="Calibration inputs for data-aware compression (whitened, --objective feature, "
+        "--sequential): a .safetensors file (samples along dim 0), a .npy array (read with "
+        "allow_pickle=False), or a data set name (digits, fashion, or a zoo model's).",
     ),
     calibration_key: str | None = typer.Option(
         None,
@@ -720,58 +650,13 @@ def truncate(
     console.print(f"Results: {out / 'truncation.json'}; plot: {plot}")
 
 
-# Data sets `recover --data` accepts by name: the unlabeled training inputs of a zoo entry.
-_RECOVER_DATA_SETS = {"digits": "digits-cnn", "fashion": "cnn4-fashion"}
-
-
 def _recover_inputs(text: str, dtype: torch.dtype) -> Any:
     """`recover --data`: a tensor, or a dict of tensors (keyword inputs), of unlabeled inputs
-    along dim 0; floating-point data is cast to the model's dtype. Never unpickles."""
-    from tensorslim import zoo
+    along dim 0, checked and cast to the model's dtype (tensorslim.input_files)."""
+    from tensorslim.input_files import checked_inputs, read_inputs
 
-    path = Path(text)
-    if path.is_file():
-        if path.suffix == ".safetensors":
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-
-            try:
-                found: dict[str, torch.Tensor] = load_file(str(path))
-            except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-                raise TensorSlimError(f"cannot read inputs from {text!r}: {exc}") from exc
-            if not found:
-                raise TensorSlimError(f"{text!r} holds no tensors")
-            data: Any = next(iter(found.values())) if len(found) == 1 else found
-        elif path.suffix == ".npy":
-            import numpy as np
-
-            try:
-                data = torch.from_numpy(np.load(path, allow_pickle=False))
-            except (OSError, ValueError, TypeError) as exc:
-                raise TensorSlimError(
-                    f"cannot read inputs from {text!r} (a plain numeric .npy array, read with "
-                    f"allow_pickle=False): {exc}"
-                ) from exc
-        else:
-            raise TensorSlimError(
-                f"--data {text!r}: give a .safetensors file (input tensors along dim 0; several "
-                "tensors are keyword inputs), a .npy array, or a data set name ("
-                + ", ".join(sorted(_RECOVER_DATA_SETS))
-                + ")"
-            )
-    elif text in _RECOVER_DATA_SETS or text in zoo.ZOO:
-        data = zoo.get(_RECOVER_DATA_SETS.get(text, text)).data().x_train
-    else:
-        raise TensorSlimError(
-            f"--data {text!r} is neither a file nor a data set name ("
-            + ", ".join(sorted(_RECOVER_DATA_SETS))
-            + ")"
-        )
-
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t.to(dtype) if t.is_floating_point() else t
-
-    return cast(data) if isinstance(data, torch.Tensor) else {k: cast(v) for k, v in data.items()}
+    data, name = read_inputs(text, flag="--data")
+    return checked_inputs(data, name, dtype)
 
 
 @app.command(name="recover")
@@ -793,7 +678,7 @@ def recover_cmd(
         "-d",
         help="Unlabeled inputs: a .safetensors file (tensors along dim 0; several tensors are "
         "keyword inputs), a .npy array (read with allow_pickle=False), or a data set name "
-        "(digits, fashion).",
+        "(digits, fashion, or a zoo model's).",
     ),
     epochs: int | None = typer.Option(None, "--epochs", help="Passes over the data."),
     steps: int | None = typer.Option(
@@ -903,45 +788,24 @@ def _lc_specs(specs: list[str], specs_file: Path | None) -> Any:
     return out
 
 
-# Data sets `lc --data` accepts by name: the labeled training split of a zoo entry.
-_LC_DATA_SETS = {"digits": "digits-cnn", "fashion": "cnn4-fashion"}
-
-
 def _lc_data(text: str, dtype: torch.dtype) -> tuple[Any, Any]:
-    """`lc --data`: ((x, y) training tensors, the zoo Split for test accuracy or None)."""
-    from tensorslim import zoo
+    """`lc --data`: ((x, y) training tensors, the zoo Split for test accuracy or None): a data
+    set name, or a .safetensors file holding the tensors 'inputs' and 'targets'."""
+    from tensorslim.input_files import checked_inputs, data_set, read_inputs
 
-    path = Path(text)
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise TensorSlimError(
-                f"--data {text!r}: give a .safetensors file with tensors 'inputs' and 'targets' "
-                "(along dim 0), or a data set name (" + ", ".join(sorted(_LC_DATA_SETS)) + ")"
-            )
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            found = load_file(str(path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise TensorSlimError(f"cannot read --data {text!r}: {exc}") from exc
-        if set(found) != {"inputs", "targets"}:
-            raise TensorSlimError(
-                f"--data {text!r} must hold exactly the tensors 'inputs' and 'targets'; it holds "
-                + (", ".join(map(repr, found)) or "none")
-            )
-        x, y = found["inputs"], found["targets"]
-        split = None
-    elif text in _LC_DATA_SETS or text in zoo.ZOO:
-        split = zoo.get(_LC_DATA_SETS.get(text, text)).data()
+    split = data_set(text)
+    if split is not None:
         x, y = split.x_train, split.y_train
-    else:
+        return (x.to(dtype) if x.is_floating_point() else x, y), split
+    found, name = read_inputs(text, flag="--data")
+    if not isinstance(found, dict) or set(found) != {"inputs", "targets"}:
+        held = ", ".join(map(repr, found)) if isinstance(found, dict) else "one tensor"
         raise TensorSlimError(
-            f"--data {text!r} is neither a file nor a data set name ("
-            + ", ".join(sorted(_LC_DATA_SETS))
-            + ")"
+            f"--data {text!r} must be a .safetensors file holding exactly the tensors 'inputs' "
+            f"and 'targets' (along dim 0), or a data set name; it holds {held}"
         )
-    return (x.to(dtype) if x.is_floating_point() else x, y), split
+    x = checked_inputs(found["inputs"], f"tensor 'inputs' of {name}", dtype)
+    return (x, found["targets"]), None
 
 
 @app.command(name="lc")

@@ -96,6 +96,7 @@ class Tucker2Compressor(TensorConvCompressor):
     Options = Tucker2Options
     layer_cls = Tucker2Conv
     closed_output = True
+    fits_data = True  # with an input Gram, `build` fits the outputs (DataTucker2)
 
     def _params(self, shape: tuple[int, ...], rank: Rank) -> int:
         return tucker2_params(shape, tuple(rank))

@@ -86,6 +86,9 @@ class Compressor:
     Options: ClassVar[type] = NoOptions
     # Calibration statistics `build` needs: "gram" (inputs' X^T X), "fisher" (Fisher diagonal).
     needs: ClassVar[frozenset[str]] = frozenset()
+    # True when `build` fits the calibration inputs given an input Gram it does not need (the
+    # data-aware Tucker-2): apply_plan then rebuilds such a plan from calibration data too.
+    fits_data: ClassVar[bool] = False
     # The objective the allocator minimises by default: "weight", "fisher" or "feature".
     objective: ClassVar[str] = "weight"
 

@@ -7,7 +7,8 @@ type and shape, has a handler, each component's compressor supports it, it share
 with a module that stays dense, and its parameters are valid (each compressor's `check`, then a
 dry build on the meta device, which allocates nothing). A module used at several places is built
 once and set at each of its names. Plans made with data-aware compressors are rebuilt from
-calibration data (`calibration=`), or raise a clear error saying what is missing.
+calibration data (`calibration=`) as compress built them (a data-aware Tucker-2 from the inputs'
+Gram, a sequential plan layer by layer), or raise a clear error saying what is missing.
 """
 
 from __future__ import annotations
@@ -71,8 +72,10 @@ def apply_plan(
     weights: "factorize" computes the compressed weights from the model's dense weights; "empty"
     only builds the structure (to load saved weights into). calibration / loss: batches of model
     inputs and loss(model, batch) -> scalar, needed when the plan uses a data-aware compressor
-    ("fwsvd", "fvd", "whitened"); without them such a plan raises TensorSlimError naming the
-    layers and what they need.
+    ("fwsvd", "fvd", "whitened"), a Tucker-2 fitted to calibration inputs, or was built
+    sequentially (`compress(..., sequential=True)`, rebuilt the same way); without them such a
+    plan raises TensorSlimError naming the layers and what they need. With the calibration data
+    compress had, the rebuilt weights are the compressed model's.
 
     Before anything is built, raises WeightFileError for a plan field of the wrong type or a
     duplicate layer, PlanMismatchError for a layer the model lacks or one of another type or shape,
@@ -86,9 +89,17 @@ def apply_plan(
     steps = check_plan(model, plan)
     options = plan_options(plan)
     jobs = [LayerJob(st.names, st.lp.components, LayerSite(st.lp.name)) for st in steps]
-    if weights == "factorize":
-        jobs = _calibrated(model, plan, steps, jobs, calibration, loss, progress)
     try:
+        if weights == "factorize":
+            rebuilt = _calibrated(model, plan, steps, jobs, calibration, loss, progress)
+            if rebuilt is not None:  # the plan was built sequentially: rebuilt the same way
+                from tensorslim.calibrate.sequential import sequential_materialize
+
+                infos, batches = rebuilt
+                by_name = {job.names[0]: job for job in jobs}
+                return sequential_materialize(
+                    model, infos, by_name, batches, options=options, progress=progress
+                )[0]
         return _materialize(
             model, jobs, handler_of=handler_for, empty=weights == "empty", options=options
         )
@@ -124,34 +135,58 @@ def _calibrated(
     calibration: Any,
     loss: Any,
     progress: bool,
-) -> list[LayerJob]:
-    """The jobs with calibration statistics where a compressor needs them."""
-    needy = [(st, job) for st, job in zip(steps, jobs) if any(c.needs for c in st.compressors)]
+) -> tuple[list[Any], list[Any]] | None:
+    """Set calibration statistics on the jobs whose build uses them, as compress had them:
+    the compressors' own needs, the input Gram for a compressor that fits the data when the plan
+    gathered one (data-aware Tucker-2), every layer of a sequentially built plan. Returns the
+    layers and batches to rebuild a sequential plan with (None otherwise)."""
+    from tensorslim.calibrate.sequential import as_batches
+
+    sequential = bool(plan.meta.get("sequential"))
+    gathered = plan.meta.get("calibration")
+    gram = isinstance(gathered, dict) and gathered.get("gram") is True
+
+    def uses_data(st: _Step) -> bool:
+        return any(c.needs or (gram and c.fits_data) for c in st.compressors)
+
+    needy = [(st, job) for st, job in zip(steps, jobs) if sequential or uses_data(st)]
     if not needy:
-        return jobs
+        return None
     needs = sorted({n for st, _ in needy for c in st.compressors for n in c.needs})
+    fits = gram and any(c.fits_data for st, _ in needy for c in st.compressors)
     if calibration is None or ("fisher" in needs and loss is None):
         names = ", ".join(
             f"{label(st.lp.name)} ({st.lp.method})" for st, _ in needy[:4]
         ) + (f" and {len(needy) - 4} more" if len(needy) > 4 else "")
         what = "calibration=batches" + (" and loss=fn" if "fisher" in needs else "")
+        made = (
+            "was built sequentially (each layer from the compressed model's inputs)"
+            if sequential
+            else "compresses "
+            + names
+            + " with data-aware compressors, which need "
+            + " and ".join(needs + (["gram"] if fits and "gram" not in needs else []))
+            + " statistics"
+        )
         raise TensorSlimError(
-            f"the plan compresses {names} with data-aware compressors, which need "
-            f"{' and '.join(needs)} statistics: pass {what} to apply_plan (to rebuild a saved "
-            "model without data use tensorslim.load)"
+            f"the plan {made}: pass {what} to apply_plan (to rebuild a saved model without data "
+            "use tensorslim.load)"
         )
     from tensorslim.calibrate.attach import attach, peek
     from tensorslim.core.discover import LayerInfo
 
     batches, _ = peek(calibration, None)
+    if sequential:
+        batches = as_batches(batches)
     infos = [
         LayerInfo(st.lp.name, get_submodule(model, st.lp.name), st.handler, st.compressors[0],
-                  None, job.site)
+                  None, job.site, aliases=job.names[1:])
         for st, job in needy
     ]
     attach(
         model, infos, plan.method, batches, loss=loss,
-        objective="weight",  # building needs only the compressors' own statistics
+        # the statistics building needs: the compressors' own, and the Gram a data fit uses
+        objective="feature" if fits else "weight",
         options={}, progress=progress, verb="pass",
     )
     by_name = {info.name: info for info in infos}
@@ -161,7 +196,7 @@ def _calibrated(
             if info.reason is not None:
                 raise TensorSlimError(f"layer {label(info.name)}: {info.reason}")
             job.site = info.site
-    return jobs
+    return (infos, batches) if sequential else None
 
 
 def check_plan(model: nn.Module, plan: Plan) -> list[_Step]:
