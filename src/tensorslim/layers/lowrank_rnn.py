@@ -33,7 +33,7 @@ from torch import nn
 
 from tensorslim.decompose import truncated_svd
 from tensorslim.layers.additive import Compressed
-from tensorslim.layers.lowrank_linear import factors_of
+from tensorslim.layers.lowrank_linear import balance_factors_, factors_of
 
 IMPLS = ("auto", "fused", "lowrank")
 AUTO_MIN_HIDDEN = 128
@@ -292,6 +292,20 @@ class LowRankRNN(nn.Module, Compressed):
             else:
                 out[name] = getattr(self, name + "_u") @ getattr(self, name + "_v")
         return out
+
+    @torch.no_grad()
+    def balance_(self) -> None:
+        """Rescale every factorized matrix's U (m x r) and V (r x n) in place (U D, D^-1 V; the
+        product is unchanged) so that each column of U and the matching row of V have equal
+        norms (layers.lowrank_linear.balance_factors_); matrices held by operators are balanced
+        by theirs where they can be."""
+        for name in self.param_names:
+            if name in self.ops:
+                fn = getattr(self.ops[name], "balance_", None)
+                if callable(fn):
+                    fn()
+            elif self.ranks.get(name) is not None:
+                balance_factors_(getattr(self, name + "_u"), getattr(self, name + "_v"))
 
     def dense_matrices(self) -> dict[str, torch.Tensor]:
         """Every gate matrix (`rnn_matrices` order), as the layer computes with it."""
