@@ -139,9 +139,11 @@ def test_every_layer_type_compresses_sequentially(method):
     torch.manual_seed(0)
     model = _Mixed().train()
     data = [torch.randn(4, 3, 4, 4) for _ in range(2)]
-    small, plan = tensorslim.compress(
-        model, 0.5, method=method, calibration=data, objective="feature", sequential=True
-    )
+    with pytest.warns(UserWarning, match="'gru' is a stacked recurrent module.*one block"):
+        small, plan = tensorslim.compress(
+            model, 0.5, method=method, calibration=data, objective="feature", sequential=True
+        )
+    assert plan.meta["sequential"]["one_block"] == ["gru"]
     assert model.training and small.training  # modes kept
     x = torch.cat(data)
     model.eval()

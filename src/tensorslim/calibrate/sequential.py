@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -294,5 +295,21 @@ def sequential_materialize(
     meta = {"groups": len(groups), "passes": 2 * passes * len(batches), "layers": len(todo)}
     if plain:
         meta["not_sequential"] = plain
+    stacked = [info.name for info in todo if _stacked(info.module)]
+    if stacked:
+        # a stacked nn.GRU / nn.LSTM is one module, compressed as one block: its inner layers'
+        # inputs come from its own (then still dense) lower layers
+        meta["one_block"] = stacked
+        warnings.warn(
+            f"sequential calibration: {', '.join(map(repr, stacked))} "
+            f"{'is a stacked recurrent module' if len(stacked) == 1 else 'are stacked recurrent modules'}"
+            " (num_layers > 1), built as one block: the gate matrices of layers 1 and up are "
+            "fitted to the inputs the still dense lower layers give them, not the compressed ones",
+            stacklevel=3,
+        )
     return out, meta
+
+
+def _stacked(module: nn.Module) -> bool:
+    return isinstance(module, nn.RNNBase) and module.num_layers > 1
 
