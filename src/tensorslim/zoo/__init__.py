@@ -129,8 +129,9 @@ ZOO: dict[str, ZooModel] = {
         GARIPOV_SGD_EPOCHS,
         GARIPOV_SGD_LR,
         "GaripovNet on Fashion-MNIST with Schuurmans et al.'s recipe (SGD momentum 0.9, lr 0.1 "
-        "with step decay, batch 128) on the full 55k training split, 6 epochs (566k params; "
-        "needs dataset-fashion-mnist; about 1.5 h of training on 2 idle CPU cores)",
+        "with step decay, batch 128) on the full 55k training split, 14 epochs (566k params; "
+        "needs dataset-fashion-mnist; 93.2 % test accuracy; about 1 h of training on 2 idle "
+        "CPU cores)",
         GARIPOV_SGD_RECIPE,
     ),
     "lenet300-fashion": ZooModel(

@@ -80,19 +80,18 @@ def fashion_subset_split(seed: int = 0, n_train: int = TRAIN_SUBSET):
 
 # The training recipe of Schuurmans et al. (ICLR 2023) for GaripovNet (their public code's baseline:
 # SGD, momentum 0.9, lr 0.1, batch 128, no weight decay, lr x 0.1 at steps), with the step epochs
-# scaled down from 30/60/90 so that training on 2 CPU cores stays in the hours: lr 0.1 for 10
-# epochs, 0.01 for 3, then 0.001, on the full 55k training split. GARIPOV_SGD_EPOCHS = 6 is an
-# estimate of what reaches the paper's >= 92.5 % test accuracy, NOT yet confirmed by a completed
-# training run (a shorter schedule, steps after epochs 3 and 5, reached 91.1 % after 5 epochs);
-# benchmarks/error_study.py prints the accuracy the cached model reaches.
+# scaled down from 30/60/90 so that training on 2 CPU cores stays under an hour: lr 0.1 for 8
+# epochs, 0.01 for 4, then 0.001 for 2, on the full 55k training split (14 epochs). Measured: test
+# accuracy 0.9319 on the full 10k test set (the paper's setting needs >= 0.925), seed 0, after
+# 95 min of training on 2 CPU cores shared with other jobs (about 3.7 min per epoch when idle).
 GARIPOV_SGD_RECIPE: tuple[tuple[str, object], ...] = (
     ("optimizer", "sgd"),
     ("momentum", 0.9),
     ("batch_size", 128),
-    ("lr_steps", (10, 13)),
+    ("lr_steps", (8, 12)),
 )
 GARIPOV_SGD_LR = 0.1
-GARIPOV_SGD_EPOCHS = 6
+GARIPOV_SGD_EPOCHS = 14
 
 
 def fashion_full_split(seed: int = 0):
