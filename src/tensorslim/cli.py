@@ -217,7 +217,7 @@ def _calibration_batches(
         str(path), flag="--calibration", key=key, samples=samples, several=False
     )
     assert isinstance(data, torch.Tensor)  # several=False: one tensor
-    if input_shape is not None and data.ndim and tuple(data.shape[1:]) != input_shape[1:]:
+    if input_shape is not None and tuple(data.shape[1:]) != input_shape[1:]:
         raise TensorSlimError(
             f"{name} holds samples of shape {tuple(data.shape[1:])} (shape "
             f"{tuple(data.shape)}), but --input-shape {','.join(map(str, input_shape))} "

@@ -99,16 +99,19 @@ def _read_safetensors(
             f"{flag} {shown} holds {len(entries)} tensors ({names}); name the one holding the "
             f"model inputs with {flag}-key"
         )
-    out: dict[str, torch.Tensor] = {}
     for name in chosen:
-        what = f"tensor {name!r} of {shown}"
         if not entries[name][0]:
-            raise TensorSlimError(f"{what} is a single number (shape ()); give samples along dim 0")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
+            raise TensorSlimError(
+                f"tensor {name!r} of {shown} is a single number (shape ()); give samples along "
+                "dim 0"
+            )
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:  # opened once
+            for name in chosen:
                 out[name] = f.get_slice(name)[:samples]
-        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
-            raise TensorSlimError(f"cannot read {what}: {exc}") from exc
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        raise TensorSlimError(f"cannot read {names} of {shown}: {exc}") from exc
     if len(out) == 1:
         name = next(iter(out))
         return out[name], f"tensor {name!r} of {shown}"
