@@ -15,6 +15,7 @@ from torch import nn
 import tensorslim
 from tensorslim.calibrate.collect import LayerStats
 from tensorslim.calibrate.sequential import as_batches, execution_groups
+from tensorslim.compressors import _factors
 from tensorslim.compressors._factors import refit_outer, sequential_output_error
 from tensorslim.core.discover import find_layers
 from tensorslim.errors import TensorSlimError
@@ -62,6 +63,44 @@ def test_output_error_from_three_grams_equals_direct():
     xt = x + torch.randn(40, 5, generator=g, dtype=torch.float64)
     direct = float((w_hat @ xt.T - w @ x.T).square().sum() / (w @ x.T).square().sum())
     assert sequential_output_error(w, _stats(x, xt), w_hat) == pytest.approx(direct, rel=1e-9)
+
+
+def test_anchored_statistics_add_the_original_inputs():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    xt = x + 0.5 * torch.randn(30, 4, generator=g, dtype=torch.float64)
+    lam = _factors.SEQ_ANCHOR
+    a = _factors.anchored_stats(_stats(x, xt))
+    # the statistics of the rows [X~; sqrt(lam) X] mapped to [X; sqrt(lam) X]
+    src, cmp = torch.cat([x, lam**0.5 * x]), torch.cat([xt, lam**0.5 * x])
+    assert torch.allclose(a.gram, cmp.T @ cmp)
+    assert torch.allclose(a.cross, src.T @ cmp)
+    assert torch.allclose(a.source_gram, src.T @ src)
+
+
+@pytest.mark.parametrize("method", ["svd", "whitened"])
+def test_refit_stays_bounded_where_the_compressed_inputs_do_not_vary(method, monkeypatch):
+    # Linear -> Linear: the first layer at low rank leaves the second's inputs X~ on a few
+    # directions only. The plain refit (anchor 0) may put any weight on the others and does
+    # (whitened: ~1e4 x the dense norm, measured), so the layer amplifies anything off the
+    # calibration rows; anchored on the original inputs it stays of the dense layer's size.
+    def second_layer_norm() -> tuple[float, float]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 48), nn.Linear(48, 48), nn.Tanh(), nn.Linear(48, 8))
+        g = torch.Generator().manual_seed(1)
+        calib = [torch.randn(64, 16, generator=g) for _ in range(4)]
+        small, _ = tensorslim.compress(
+            model, 0.4, method=method, calibration=calib, sequential=True, allocator="uniform"
+        )
+        low = small[1]
+        eff = low.second.weight.detach() @ low.first.weight.detach()
+        return float(eff.norm()), float(model[1].weight.detach().norm())
+
+    anchored, dense = second_layer_norm()
+    assert anchored <= 1.5 * dense
+    monkeypatch.setattr(_factors, "SEQ_ANCHOR", 0.0)
+    plain, _ = second_layer_norm()
+    assert plain >= 5 * dense  # the failure the anchoring prevents (so this test can fail)
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:

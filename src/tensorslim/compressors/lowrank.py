@@ -20,6 +20,7 @@ from torch import nn
 from tensorslim.compressors._factors import (
     Factors,
     OptionSpec,
+    anchored_stats,
     check_options,
     is_sequential,
     layer_errors,
@@ -164,7 +165,7 @@ class LowRank(Compressor):
             # sequential calibration: the SVD's input-side factor, the output-side factor refit
             # to the original outputs (compressors/_factors.refit_outer)
             a, b = truncated_svd(w.detach().to(torch.float64), r, method=self._svd_method())
-            a = refit_outer(w, st, b)
+            a = refit_outer(w, anchored_stats(st), b)
             facts = sequential_facts(w, st, a @ b)
         op = LowRankLinear.from_factors(*cast_factors(a, b, w.dtype), None)
         return refuse_overflow(op, target, self.method, r), facts
@@ -238,8 +239,9 @@ class DataAwareLowRank(LowRank):
                 # sequential calibration: this kind's input-side factor (a whitened one under
                 # the compressed model's inputs), the output-side factor refit to the original
                 # outputs (compressors/_factors.refit_outer)
-                a, b, facts = self.solve(w, st, r)
-                a = refit_outer(w, st, b, damp)
+                anchored = anchored_stats(st)
+                a, b, facts = self.solve(w, anchored, r)
+                a = refit_outer(w, anchored, b, damp)
             else:
                 a, b, facts = self.solve(w, st, r)
             w_hat = a @ b

@@ -35,7 +35,12 @@ from typing import Any
 
 import torch
 
-from tensorslim.compressors._factors import OptionSpec, check_options
+from tensorslim.compressors._factors import (
+    OptionSpec,
+    anchored_stats,
+    check_options,
+    is_sequential,
+)
 from tensorslim.compressors._tensor import (
     Rank,
     TensorConvCompressor,
@@ -165,11 +170,13 @@ class Tucker2Compressor(TensorConvCompressor):
         key = ("tucker2_data", fingerprint(kernel), getattr(st, "cross", None) is not None)
         fit = st.cache.get(key)
         if fit is None:
-            target = data_kernel(kernel, st)
+            # sequential: fit the anchored statistics (compressors._factors.anchored_stats)
+            fit_st = anchored_stats(st) if is_sequential(st) else st
+            target = data_kernel(kernel, fit_st)
             in_gram = None
             if target is kernel and self.fast(tuple(kernel.shape)):
                 in_gram = kernel_grams(kernel)[1]
-            fit = DataTucker2(target, st.gram, in_gram=in_gram)
+            fit = DataTucker2(target, fit_st.gram, in_gram=in_gram)
             st.cache[key] = fit
         return fit
 
