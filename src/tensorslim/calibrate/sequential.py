@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -279,10 +278,16 @@ def sequential_materialize(
         passes += 1
         for name, info in infos.items():
             job = jobs[name]
-            stats = _with_stats(info.site.stats, seq[name])
-            site = dataclasses.replace(info.site, stats=stats)
             module = get_submodule(out, name)
-            new, facts = build_layer(module, info.handler, job.spec, site, options=options)
+            if _stacked(module):
+                new, facts, more = _build_stacked(
+                    model, out, name, info, job, seq[name], batches, calls, options
+                )
+                passes += more
+            else:
+                stats = _with_stats(info.site.stats, seq[name])
+                site = dataclasses.replace(info.site, stats=stats)
+                new, facts = build_layer(module, info.handler, job.spec, site, options=options)
             job.facts.update(facts)
             out = replace_at(out, job.names, new)
     for name in plain:  # no calibration view, or not called on the first batch
@@ -295,21 +300,65 @@ def sequential_materialize(
     meta = {"groups": len(groups), "passes": 2 * passes * len(batches), "layers": len(todo)}
     if plain:
         meta["not_sequential"] = plain
-    stacked = [info.name for info in todo if _stacked(info.module)]
+    stacked = [info.name for info in todo if _stacked(info.module) and info.name in grouped]
     if stacked:
-        # a stacked nn.GRU / nn.LSTM is one module, compressed as one block: its inner layers'
-        # inputs come from its own (then still dense) lower layers
-        meta["one_block"] = stacked
-        warnings.warn(
-            f"sequential calibration: {', '.join(map(repr, stacked))} "
-            f"{'is a stacked recurrent module' if len(stacked) == 1 else 'are stacked recurrent modules'}"
-            " (num_layers > 1), built as one block: the gate matrices of layers 1 and up are "
-            "fitted to the inputs the still dense lower layers give them, not the compressed ones",
-            stacklevel=3,
-        )
+        meta["layer_by_layer"] = stacked
     return out, meta
 
 
 def _stacked(module: nn.Module) -> bool:
     return isinstance(module, nn.RNNBase) and module.num_layers > 1
+
+
+def _layer_of(part: str) -> int | None:
+    """k of a stacked-gate matrix name weight_{ih,hh}_l{k}[_reverse]; None for other names."""
+    tail = part.rsplit("_l", 1)[-1].removesuffix("_reverse")
+    return int(tail) if "_l" in part and tail.isdigit() else None
+
+
+def _build_stacked(
+    model: nn.Module,
+    out: nn.Module,
+    name: str,
+    info: LayerInfo,
+    job: LayerJob,
+    first: LayerStats,
+    batches: Sequence[Any],
+    calls: dict[str, int],
+    options: Options | None,
+) -> tuple[nn.Module, dict[str, Any], int]:
+    """A stacked nn.GRU / nn.LSTM built layer by layer: the matrices of inner layer k are fitted
+    to the inputs that the already built layers 0..k-1 give it (the model's input comes from the
+    compressed layers before the module, as for any layer). Pass k runs a dense copy of the
+    module whose layers below k compute what the built ones do (their to_dense weights) and
+    whose layers from k on are the original's, so layer k's rows (its input sequence, and h_{t-1}
+    from the original layer k on that input) are those of the compressed stack. Every pass builds
+    the whole module from the statistics gathered so far (layers below k from their own pass);
+    the last build is returned, with its facts and the number of extra passes (num_layers - 1).
+    `first`: the sequential statistics of the pass with the whole module dense (layer 0's)."""
+    dense = get_submodule(out, name)
+    gathered: dict[str, LayerStats] = {}
+
+    def build(seq: LayerStats, k: int) -> tuple[nn.Module, dict[str, Any]]:
+        for part, st in seq.parts.items():
+            if _layer_of(part) == k:
+                gathered[part] = st
+        merged = dataclasses.replace(seq, parts={**seq.parts, **gathered}, cache={})
+        site = dataclasses.replace(info.site, stats=_with_stats(info.site.stats, merged))
+        return build_layer(dense, info.handler, job.spec, site, options=options)
+
+    new, facts = build(first, 0)
+    for k in range(1, dense.num_layers):
+        probe = copy.deepcopy(dense)
+        built = new.to_dense() if hasattr(new, "to_dense") else new
+        with torch.no_grad():
+            for pname, p in built.named_parameters():
+                if _layer_of(pname) is not None and _layer_of(pname) < k:
+                    getattr(probe, pname).copy_(p)
+        probe.flatten_parameters()
+        current = replace_at(out, job.names, probe)
+        with eval_mode(current):
+            seq = paired_stats(model, current, {name: info}, batches, calls)[name]
+        new, facts = build(seq, k)
+    return new, facts, dense.num_layers - 1
 
