@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -271,6 +272,7 @@ def sequential_materialize(
     grouped = {name for g in groups for name in g}
     plain += [name for name in by_name if name not in grouped and name not in plain]
     passes = 0
+    layered: list[str] = []  # stacked GRU/LSTM modules built layer by layer
     for group in track(groups, "Sequential calibration", progress):
         infos = {name: by_name[name] for name in group}
         with eval_mode(model), eval_mode(out):
@@ -284,6 +286,8 @@ def sequential_materialize(
                     model, out, name, info, job, seq[name], batches, calls, options
                 )
                 passes += more
+                if more:
+                    layered.append(name)
             else:
                 stats = _with_stats(info.site.stats, seq[name])
                 site = dataclasses.replace(info.site, stats=stats)
@@ -300,9 +304,8 @@ def sequential_materialize(
     meta = {"groups": len(groups), "passes": 2 * passes * len(batches), "layers": len(todo)}
     if plain:
         meta["not_sequential"] = plain
-    stacked = [info.name for info in todo if _stacked(info.module) and info.name in grouped]
-    if stacked:
-        meta["layer_by_layer"] = stacked
+    if layered:
+        meta["layer_by_layer"] = layered
     return out, meta
 
 
@@ -348,6 +351,15 @@ def _build_stacked(
         return build_layer(dense, info.handler, job.spec, site, options=options)
 
     new, facts = build(first, 0)
+    if not (hasattr(new, "to_dense") or isinstance(new, nn.RNNBase)):
+        # a module that cannot show its layers as stock weights: the whole stack as one block
+        warnings.warn(
+            f"sequential calibration: {name!r} was compressed into a {type(new).__name__}, "
+            "which has no dense view of its layers; its inner layers are fitted to the outputs "
+            "of the dense lower layers",
+            stacklevel=4,
+        )
+        return new, facts, 0
     for k in range(1, dense.num_layers):
         probe = copy.deepcopy(dense)
         built = new.to_dense() if hasattr(new, "to_dense") else new
