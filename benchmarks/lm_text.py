@@ -133,8 +133,8 @@ def compress_one(model, method: str, keep: float, calib: list, args) -> tuple[An
         kw["loss"] = austen.lm_loss
     if base == "fvd":
         kw["method_options"] = {"iters": args.fvd_iters, "time_limit": args.fvd_seconds}
-    if method.endswith("+seq"):
-        kw["sequential"] = True
+    if has_sequential():  # explicit: compress's default is on for whitened with a list
+        kw["sequential"] = method.endswith("+seq")
     t0 = time.perf_counter()
     small, plan = tensorslim.compress(model, keep, method=base, **kw)
     return small, plan, time.perf_counter() - t0

@@ -205,8 +205,7 @@ def trial(p: dict) -> dict:
     if method != "svd" or variant:
         calib = tokenize(s.tok, s.calib_sents, batch_size=32, max_length=s.max_len)
         kw = {"calibration": calib, "loss": gaussian_fisher_loss(seed)}
-    if "sequential" in variant:
-        kw["sequential"] = True
+    kw["sequential"] = "sequential" in variant  # explicit: compress's default is on for whitened
     if method == "fvd":
         kw["method_options"] = p["fvd"]
     if objective is not None:

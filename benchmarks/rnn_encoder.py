@@ -262,8 +262,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         elif method == "fwsvd":
             kw["calibration"] = calib_labeled
             kw["loss"] = fisher_loss
-        if "sequential" in variant:
-            kw["sequential"] = True
+        # explicit: compress's default is on for whitened with a list of batches
+        kw["sequential"] = "sequential" in variant
         torch.manual_seed(s.seed)
         t0 = time.perf_counter()
         small, plan = tensorslim.compress(

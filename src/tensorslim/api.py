@@ -120,7 +120,7 @@ def compress(
     loss: Any = None,
     objective: str | None = None,
     method_options: dict[str, Any] | None = None,
-    sequential: bool = False,
+    sequential: bool | None = None,
     measure: bool = False,
 ) -> tuple[nn.Module, Plan]:
     """Compress `model`'s layers so that a fraction `keep` of their cost remains, or so that the
@@ -157,7 +157,15 @@ def compress(
     so the layer reproduces the original layer's outputs (a whitened layer solves for them
     directly). The ranks are allocated first, from the original model's statistics; the
     calibration batches are then kept as a list and run twice per group of layers that share
-    an input (see tensorslim.calibrate.sequential).
+    an input (see tensorslim.calibrate.sequential). None (the default): on for method "whitened"
+    (whose factors minimise the output error, the error sequential calibration refits) when
+    `calibration` is a list or tuple of batches (already in memory). Measured with whitened: as
+    good or better on every benchmark (all-MiniLM-L6-v2 keep 0.5 mean cosine 0.695 -> 0.703; a
+    3-layer LSTM keep 0.1 0.9885 -> 0.9899; a GPT-2 keep 0.1 perplexity 130.6 -> 129.5), for 2 to
+    7 times the compress time. Off otherwise: svd, fwsvd and fvd keep their own objectives (pass
+    True to refit them to the outputs too: svd on MiniLM 0.41 -> 0.64), and a generator or
+    DataLoader is streamed once with bounded memory. A sequential plan is rebuilt by apply_plan
+    only with the same calibration data.
 
     A module used at several places is compressed once and stays shared; a layer whose weight is
     tied to a module that stays dense (a language model's head tied to its embedding) stays dense.
@@ -254,7 +262,7 @@ def analyse(
     loss: Any = None,
     objective: str | None = None,
     method_options: dict[str, Any] | None = None,
-    sequential: bool = False,
+    sequential: bool | None = None,
 ) -> Analysis:
     """Steps 1-4 of compress (arguments as there): the layers, their proposals and costs."""
     _check_choice("cost", cost, COSTS)
@@ -264,8 +272,10 @@ def analyse(
     compressor = method_compressor(method, method_options)  # before any batch is read
     method = compressor.method  # a kind given as method ("lowrank") is recorded by its name
     example_given = example_input is not None
-    if not isinstance(sequential, bool):
-        raise TensorSlimError(f"sequential must be True or False; got {sequential!r}")
+    if sequential is not None and not isinstance(sequential, bool):
+        raise TensorSlimError(f"sequential must be True, False or None; got {sequential!r}")
+    if sequential is None:  # auto: see compress
+        sequential = method == "whitened" and isinstance(calibration, (list, tuple))
     if sequential and calibration is None:
         raise TensorSlimError("sequential=True needs calibration data: pass calibration=batches")
     batches, example_input = peek(calibration, example_input)

@@ -335,11 +335,12 @@ def compress_cmd(
         help="What the allocator minimises per layer: weight, feature (output error on "
         "--calibration) or fisher (needs a loss: Python API only); default per method.",
     ),
-    sequential: bool = typer.Option(
-        False,
+    sequential: bool | None = typer.Option(
+        None,
         "--sequential/--no-sequential",
         help="With --calibration: build the layers in execution order, each from the inputs the "
-        "compressed earlier layers give it, refitting each to the original outputs.",
+        "compressed earlier layers give it, refitting each to the original outputs. Default: on "
+        "for --method whitened with --calibration.",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
 ) -> None:

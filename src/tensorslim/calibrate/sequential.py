@@ -58,9 +58,18 @@ def execution_groups(
     """Names of `layers` in the order the model first calls them on `batch`, grouped where
     consecutive layers read the same input tensor. Layers not called are left out. `calls`, if
     given, receives how often each layer ran."""
-    order: list[tuple[str, Any]] = []
+    order: list[tuple[str, bool]] = []  # (name, reads the previous layer's input tensor)
     seen: set[str] = set()
     counts = calls if calls is not None else {}
+    # The previous first-called layer's input, kept referenced until the next one: compared by
+    # address, and a freed tensor's memory can be reused for a later, different input (an MLP's
+    # ReLU outputs of one shape alternate between two addresses), which must not look "same".
+    last: list[Any] = [None]
+
+    def key(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return None
+        return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
 
     def hook(name: str):
         def fn(_mod, args, kwargs, _out):
@@ -69,12 +78,9 @@ def execution_groups(
                 return
             seen.add(name)
             x = args[0] if args else next(iter(kwargs.values()), None)
-            key = (
-                (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-                if isinstance(x, torch.Tensor)
-                else None
-            )
-            order.append((name, key))
+            k = key(x)
+            order.append((name, k is not None and k == key(last[0])))
+            last[0] = x
 
         return fn
 
@@ -86,14 +92,13 @@ def execution_groups(
     finally:
         for h in hooks:
             h.remove()
+        last[0] = None
     groups: list[list[str]] = []
-    last_key: Any = None
-    for name, key in order:
-        if groups and key is not None and key == last_key:
+    for name, same in order:
+        if groups and same:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_key = key
     return groups
 
 
