@@ -295,3 +295,29 @@ def test_custom_layer_type_is_added_by_registering():
             assert small(x).shape == full(x).shape
     finally:
         unregister_handler(ScaledLinear)
+
+
+class _KeywordCalls(nn.Module):
+    """Calls its layers with PyTorch's keyword (`input=`), as some model code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 8 * 8, 32)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(input=x)).flatten(1)
+        return self.out(input=torch.relu(self.fc(input=h)))
+
+
+@pytest.mark.parametrize("method", ["svd", "whitened", "tucker2"])
+def test_replacement_layers_take_the_keyword_input_like_the_dense_ones(method):
+    torch.manual_seed(0)
+    model = _KeywordCalls().eval()
+    data = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    kw = {"calibration": data} if method == "whitened" else {"example_input": data[0]}
+    small, plan = tensorslim.compress(model, 0.5, method=method, **kw)
+    assert any(lp.components for lp in plan.layers)
+    with torch.no_grad():
+        assert small(data[0]).shape == (8, 4)

@@ -24,10 +24,10 @@ class SumOp(nn.Module, Compressed):
         super().__init__()
         self.ops = nn.ModuleList(ops)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.ops[0](x)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out = self.ops[0](input)
         for op in self.ops[1:]:
-            out = out + op(x)
+            out = out + op(input)
         return out
 
     def dense_weight(self) -> torch.Tensor:
@@ -49,8 +49,8 @@ class OpLinear(nn.Module, Compressed):
         self.out_features = out_features
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.op(x)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        y = self.op(input)
         return y if self.bias is None else y + self.bias
 
     def dense_weight(self) -> torch.Tensor:
@@ -80,13 +80,13 @@ class OpConv(nn.Module, Compressed):
         self._reversed_padding = getattr(like, "_reversed_padding_repeated_twice", None)
         self.bias = None if like.bias is None else nn.Parameter(like.bias.detach().clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         kernel = self.op.dense_weight().reshape(self.kernel_shape)
         conv = _CONV[len(self.kernel_size)]
         if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
-            return conv(x, kernel, self.bias, self.stride, 0, self.dilation, self.groups)
-        return conv(x, kernel, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            input = F.pad(input, self._reversed_padding, mode=self.padding_mode)
+            return conv(input, kernel, self.bias, self.stride, 0, self.dilation, self.groups)
+        return conv(input, kernel, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def dense_weight(self) -> torch.Tensor:
         return self.op.dense_weight()

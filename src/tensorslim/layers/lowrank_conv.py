@@ -128,8 +128,8 @@ class LowRankConv(nn.Module, Compressed):
                 layer.second.bias.copy_(like.bias.detach())
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(input))
 
     def balance_(self) -> None:
         """Rescale the two convs' weights along the rank in place, the kernel unchanged (see

@@ -62,8 +62,8 @@ class LowRankLinear(nn.Module, Compressed):
                 layer.second.bias.copy_(bias.detach())
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(input))
 
     def dense_weight(self) -> torch.Tensor:
         """The reconstructed weight A @ B, shape (out, in)."""

@@ -130,8 +130,8 @@ class QuantizedOp(nn.Module, Compressed):
             return book[0][codes]
         return torch.gather(book, 1, codes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight())
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self.dense_weight())
 
     def extra_repr(self) -> str:
         return (

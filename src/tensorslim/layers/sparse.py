@@ -82,17 +82,17 @@ class SparseOp(nn.Module, Compressed):
         flat = self.values.new_zeros(size).scatter(0, self.flat_positions(), self.values)
         return flat.reshape(self.out_features, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         size = self.out_features * self.in_features
         if torch.onnx.is_in_onnx_export() or self.nnz > DENSE_ABOVE * size:
-            return torch.nn.functional.linear(x, self.dense_weight())
+            return torch.nn.functional.linear(input, self.dense_weight())
         pos = self.flat_positions()
         rows = torch.div(pos, self.in_features, rounding_mode="floor")
         cols = pos - rows * self.in_features
-        flat = x.reshape(-1, self.in_features)
+        flat = input.reshape(-1, self.in_features)
         out = flat.new_zeros(flat.shape[0], self.out_features)
         out = out.index_add(1, rows, flat[:, cols] * self.values.to(flat.dtype))
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out.reshape(*input.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}"
