@@ -162,9 +162,10 @@ def compress(
     `calibration` is a list or tuple of batches (already in memory). Measured with whitened: as
     good or better on every benchmark (all-MiniLM-L6-v2 keep 0.5 mean cosine 0.695 -> 0.703; a
     3-layer LSTM keep 0.1 0.9886 -> 0.9900; a GPT-2 keep 0.1 perplexity 130.6 -> 129.6), for 2 to
-    7 times the compress time. Off otherwise: svd, fwsvd and fvd keep their own objectives (pass
-    True to refit them to the outputs too: svd on MiniLM 0.41 -> 0.64), and a generator or
-    DataLoader is streamed once with bounded memory. A sequential plan is rebuilt by apply_plan
+    9 times the compress time (two partial forward passes per layer group and batch). Off
+    otherwise: svd, fwsvd and fvd keep their own objectives (pass True to refit them to the
+    outputs too: svd on MiniLM 0.41 -> 0.64), and a generator or DataLoader is streamed once
+    with bounded memory; sequential=False turns it off for whitened. A sequential plan is rebuilt by apply_plan
     only with the same calibration data.
 
     A module used at several places is compressed once and stays shared; a layer whose weight is
