@@ -362,6 +362,17 @@ def test_cli_sequential(tmp_path):
     plan = json.loads((tmp_path / "o2" / "plan.json").read_text())
     assert plan["meta"]["sequential"]["layers"] >= 1
     assert any("rel_output_error" in lp.get("extra", {}) for lp in plan["layers"] if lp["spec"])
+    # the default: on for whitened, off with --no-sequential and for svd
+    white = [*base, *cal, "--method", "whitened"]
+    for args, out, on in (
+        (white, "o3", True),
+        ([*white, "--no-sequential"], "o4", False),
+        ([*base, *cal, "--objective", "feature"], "o5", False),
+    ):
+        res = runner.invoke(app, [*args, "--out", str(tmp_path / out)])
+        assert res.exit_code == 0, res.output
+        meta = json.loads((tmp_path / out / "plan.json").read_text())["meta"]
+        assert ("sequential" in meta) is on, args
 
 
 class _Counter(nn.Module):
