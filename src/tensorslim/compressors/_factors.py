@@ -343,6 +343,8 @@ def anchored_stats(st: Any) -> Any:
     anchoring above): gram G~ + lambda G, cross C + lambda G, source_gram (1 + lambda) G, the
     statistics of the calibration rows [X~; sqrt(lambda) X] mapped to [X; sqrt(lambda) X]. The
     solvers fit on these; the plan's errors are measured on `st` itself. Made once per `st`."""
+    if st.source_gram is None or SEQ_ANCHOR == 0:
+        return st
     hit = st.cache.get("anchored")
     if hit is None:
         lam, g = SEQ_ANCHOR, st.source_gram
