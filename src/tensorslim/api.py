@@ -161,7 +161,7 @@ def compress(
     (whose factors minimise the output error, the error sequential calibration refits) when
     `calibration` is a list or tuple of batches (already in memory). Measured with whitened: as
     good or better on every benchmark (all-MiniLM-L6-v2 keep 0.5 mean cosine 0.695 -> 0.703; a
-    3-layer LSTM keep 0.1 0.9886 -> 0.9900; a GPT-2 keep 0.1 perplexity 130.6 -> 129.6), for 2 to
+    3-layer LSTM keep 0.1 0.9886 -> 0.9900; a GPT-2 keep 0.1 perplexity 172.1 -> 156.8), for 2 to
     9 times the compress time (two partial forward passes per layer group and batch). Off
     otherwise: svd, fwsvd and fvd keep their own objectives (pass True to refit them to the
     outputs too: svd on MiniLM 0.41 -> 0.64), and a generator or DataLoader is streamed once

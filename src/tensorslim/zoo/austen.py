@@ -321,11 +321,13 @@ class GPTRecipe:
     n_head: int = 4
     ctx: int = 128
     vocab_size: int = 4096
-    steps: int = 480
+    # 1920 steps x 16 x 128 tokens, ~3.6 passes over the training text: validation perplexity
+    # 61.4 (all windows), trained in 1273 s on 2 threads; 480 steps (one pass) stopped at 119.9.
+    steps: int = 1920
     batch_size: int = 16
     lr: float = 1.5e-3
     min_lr_ratio: float = 0.1
-    warmup: int = 40
+    warmup: int = 80
     weight_decay: float = 0.1
     clip: float = 1.0
 
@@ -426,7 +428,7 @@ def austen_gpt2(
     log: Callable[[str], None] | None = None,
 ) -> AustenLM:
     """The GPT-2 of `recipe` trained on the Austen training text, from the cache or trained now
-    (seeded; 15-30 min on one shared CPU core for the default recipe) and cached atomically."""
+    (seeded; ~21 min on 2 CPU threads for the default recipe) and cached atomically."""
     from safetensors import safe_open
     from safetensors.torch import load_model, save_model
 
