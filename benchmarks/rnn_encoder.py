@@ -359,31 +359,33 @@ def goal_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _variants(by: dict[tuple, dict[str, Any]], suffix: str):
+    """(keep, base row, row) for every row whose method is a measured base method + `suffix`."""
+    for (m, k, a), r in by.items():
+        if m.endswith(suffix):
+            base = by.get((m.removesuffix(suffix), k, a))
+            if base is not None:
+                yield k, base, r
+
+
 def observations(rows: list[dict[str, Any]]) -> list[str]:
     """Sentences computed from the rows: sequential vs not, before and after recover, uniform vs
     global allocation of svd."""
     by = {(r["method"], r["keep"], r["allocator"]): r for r in rows}
     out = []
-    for (m, k, a), r in sorted(by.items(), key=lambda item: -item[0][1]):
-        if m.endswith(" + sequential"):
-            base = by.get((m.removesuffix(" + sequential"), k, a))
-            if base is not None:
-                out.append(
-                    f"{m} vs {base['method']} at keep {k}: mean cosine {base['mean cosine']} -> "
-                    f"{r['mean cosine']}, min cosine {base['min cosine']} -> {r['min cosine']}, "
-                    f"accuracy {base['accuracy']} -> {r['accuracy']} (the 3-layer nn.LSTM is "
-                    "built layer by layer, each inner layer from the compressed lower layers' "
-                    "outputs)."
-                )
-    for (m, k, a), r in by.items():
-        if m.endswith(" + recover"):
-            start = by.get((m.removesuffix(" + recover"), k, a))
-            if start is not None:
-                out.append(
-                    f"{m.removesuffix(' + recover')} at keep {k}: mean cosine "
-                    f"{start['mean cosine']} after compress (min {start['min cosine']}), "
-                    f"{r['mean cosine']} after recover (min {r['min cosine']})."
-                )
+    for k, base, r in sorted(_variants(by, " + sequential"), key=lambda item: -item[0]):
+        out.append(
+            f"{r['method']} vs {base['method']} at keep {k}: mean cosine {base['mean cosine']} "
+            f"-> {r['mean cosine']}, min cosine {base['min cosine']} -> {r['min cosine']}, "
+            f"accuracy {base['accuracy']} -> {r['accuracy']} (the 3-layer nn.LSTM is built "
+            "layer by layer, each inner layer from the compressed lower layers' outputs)."
+        )
+    for k, start, r in _variants(by, " + recover"):
+        out.append(
+            f"{start['method']} at keep {k}: mean cosine {start['mean cosine']} after compress "
+            f"(min {start['min cosine']}), {r['mean cosine']} after recover "
+            f"(min {r['min cosine']})."
+        )
     for k in sorted({r["keep"] for r in rows}, reverse=True):
         u, g = by.get(("svd", k, "uniform")), by.get(("svd", k, "global"))
         if u is not None and g is not None:

@@ -165,8 +165,8 @@ def compress(
     9 times the compress time (two partial forward passes per layer group and batch). Off
     otherwise: svd, fwsvd and fvd keep their own objectives (pass True to refit them to the
     outputs too: svd on MiniLM 0.41 -> 0.64), and a generator or DataLoader is streamed once
-    with bounded memory; sequential=False turns it off for whitened. A sequential plan is rebuilt by apply_plan
-    only with the same calibration data.
+    with bounded memory; sequential=False turns it off for whitened. A sequential plan is
+    rebuilt by apply_plan only with the same calibration data.
 
     A module used at several places is compressed once and stays shared; a layer whose weight is
     tied to a module that stays dense (a language model's head tied to its embedding) stays dense.

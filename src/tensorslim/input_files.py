@@ -111,7 +111,8 @@ def _read_safetensors(
             for name in chosen:
                 out[name] = f.get_slice(name)[:samples]
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
-        raise TensorSlimError(f"cannot read {names} of {shown}: {exc}") from exc
+        what = ", ".join(map(repr, chosen))
+        raise TensorSlimError(f"cannot read tensor {what} of {shown}: {exc}") from exc
     if len(out) == 1:
         name = next(iter(out))
         return out[name], f"tensor {name!r} of {shown}"

@@ -370,7 +370,8 @@ def _build_stacked(
         built = new.to_dense() if hasattr(new, "to_dense") else new
         with torch.no_grad():
             for pname, p in built.named_parameters():
-                if _layer_of(pname) is not None and _layer_of(pname) < k:
+                layer = _layer_of(pname)
+                if layer is not None and layer < k:
                     getattr(probe, pname).copy_(p)
         probe.flatten_parameters()
         current = replace_at(out, job.names, probe)

@@ -342,8 +342,9 @@ def anchored_stats(st: Any) -> Any:
     """Sequential statistics `st` with the original inputs added, weighted SEQ_ANCHOR (the
     anchoring above): gram G~ + lambda G, cross C + lambda G, source_gram (1 + lambda) G, the
     statistics of the calibration rows [X~; sqrt(lambda) X] mapped to [X; sqrt(lambda) X]. The
-    solvers fit on these; the plan's errors are measured on `st` itself. Made once per `st`."""
-    if st.source_gram is None or SEQ_ANCHOR == 0:
+    solvers fit on these; the plan's errors are measured on `st` itself. Made once per `st`;
+    statistics that are not sequential (no source Gram) are returned as they are."""
+    if getattr(st, "source_gram", None) is None or SEQ_ANCHOR == 0:
         return st
     hit = st.cache.get("anchored")
     if hit is None:

@@ -35,12 +35,7 @@ from typing import Any
 
 import torch
 
-from tensorslim.compressors._factors import (
-    OptionSpec,
-    anchored_stats,
-    check_options,
-    is_sequential,
-)
+from tensorslim.compressors._factors import OptionSpec, anchored_stats, check_options
 from tensorslim.compressors._tensor import (
     Rank,
     TensorConvCompressor,
@@ -170,8 +165,7 @@ class Tucker2Compressor(TensorConvCompressor):
         key = ("tucker2_data", fingerprint(kernel), getattr(st, "cross", None) is not None)
         fit = st.cache.get(key)
         if fit is None:
-            # sequential: fit the anchored statistics (compressors._factors.anchored_stats)
-            fit_st = anchored_stats(st) if is_sequential(st) else st
+            fit_st = anchored_stats(st)  # sequential statistics: anchored; others as they are
             target = data_kernel(kernel, fit_st)
             in_gram = None
             if target is kernel and self.fast(tuple(kernel.shape)):
